@@ -1,0 +1,535 @@
+"""The in-process API: a scheduler creates, starts, waits for, execs into, kills and deletes containers here.
+
+The CLI is a thin layer over this module; nothing here spawns a `coldbrew` process.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal as signals
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import exec_shim, init, libc, state as statedir
+from .errors import ContainerExists, ContainerNotFound, InvalidState, NotRunning, RuntimeFailure, SpecError
+from .spec import Process, Spec, load_bundle, parse
+
+OCI_VERSION = "1.2.0"
+DEFAULT_ROOT = "/run/coldbrew"
+CREATED, RUNNING, PAUSED, STOPPED, CREATING = "created", "running", "paused", "stopped", "creating"
+
+
+def parse_signal(value: str | int) -> int:
+    """A signal by number or by name, with or without SIG: 9, "9", "KILL", "SIGKILL"."""
+    if isinstance(value, int) or str(value).isdigit():
+        number = int(value)
+        if not 0 < number < signals.NSIG:
+            raise RuntimeFailure(f"invalid signal {value}")
+        return number
+    name = str(value).upper()
+    name = name if name.startswith("SIG") else "SIG" + name
+    try:
+        return int(getattr(signals.Signals, name))
+    except AttributeError:
+        raise RuntimeFailure(f"unknown signal {value!r}") from None
+
+
+def _exit_code(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+class Runtime:
+    """Containers under one state root (runc's --root). Make one per process and keep it."""
+
+    def __init__(self, root: str = DEFAULT_ROOT, *, subreaper: bool = True) -> None:
+        self.root = root
+        if subreaper:
+            # The container's init is our grandchild: as a subreaper we inherit it, so wait() gets its exit status.
+            libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)
+
+    def get(self, container_id: str) -> "Container":
+        sd = statedir.StateDir(self.root, container_id)
+        return Container(sd, sd.load())
+
+    def list(self) -> list["Container"]:
+        result = []
+        for cid in statedir.list_ids(self.root):
+            try:
+                result.append(self.get(cid))
+            except ContainerNotFound:
+                pass  # deleted meanwhile
+        return result
+
+    def create(self, container_id: str, bundle: str, *, console_socket: str | None = None,
+               pid_file: str | None = None, no_pivot: bool = False, preserve_fds: int = 0,
+               stdio: tuple[int, int, int] | None = None) -> "Container":
+        """Create the container: its init waits in the new namespaces, rootfs ready, until :meth:`Container.start`.
+
+        `stdio` gives the process's stdin, stdout and stderr descriptors; by default it inherits this process's.
+        """
+        sd = statedir.StateDir(self.root, container_id)
+        if sd.exists():
+            raise ContainerExists(container_id)
+        bundle = os.path.abspath(bundle)
+        spec = load_bundle(bundle)
+        if spec.process is None:
+            raise SpecError("process", "is required to create a container")
+        if spec.process.terminal and not console_socket:
+            raise RuntimeFailure("process.terminal is true: a --console-socket is needed to hand over the terminal")
+        if console_socket and not spec.process.terminal:
+            raise RuntimeFailure("--console-socket was given but process.terminal is false")
+        from .cgroups import open_cgroup
+
+        cgroup = open_cgroup(spec.cgroups_path, container_id)
+        resources = _with_default_devices(spec)
+        seccomp = spec.seccomp.compile() if spec.seccomp is not None else None
+        try:
+            sd.make()
+        except FileExistsError:
+            raise ContainerExists(container_id) from None
+        oci_state = {"ociVersion": OCI_VERSION, "id": container_id, "status": CREATING, "pid": 0,
+                     "bundle": bundle, "annotations": spec.annotations}
+        record = {**oci_state, "rootfs": spec.root_path, "created": statedir.now_rfc3339(), "owner": "",
+                  "config": spec.raw, "cgroup": cgroup.paths, "no_pivot": no_pivot, "network": [],
+                  "exit_status": None}
+        made_cgroup = False
+        pids: list[int] = []
+        try:
+            os.mkfifo(sd.fifo)
+            os.chmod(sd.fifo, 0o622)  # writable by the init even when it is another uid (a user namespace)
+            cgroup.create(resources)
+            made_cgroup = True
+            dirfd = os.open(sd.path, libc.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                plan = init.InitPlan(spec=spec, process=spec.process, state=oci_state, cgroup_paths=cgroup.paths,
+                                     state_dirfd=dirfd, seccomp_program=seccomp,
+                                     seccomp_flags=spec.seccomp.flags if spec.seccomp else 0,
+                                     shim_fd=exec_shim.shim_fd(), no_pivot=no_pivot, preserve_fds=preserve_fds,
+                                     stdio=stdio)
+                if console_socket:
+                    from . import console
+
+                    plan.console_fd = console.connect(console_socket)
+                pid = _spawn(plan, cgroup, pids, on_message=lambda sock, msg: _create_step(sock, msg, spec,
+                                                                                             oci_state, pids))
+            finally:
+                os.close(dirfd)
+                if plan.console_fd is not None:
+                    os.close(plan.console_fd)
+            record["pid"] = pid
+            record["pid_start"] = statedir.process_start_time(pid)
+            if spec.process.oom_score_adj is not None:
+                with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+                    f.write(str(spec.process.oom_score_adj))
+            record["status"] = CREATED
+            sd.save(record)
+            if pid_file:
+                _write_pid_file(pid_file, pid)
+        except BaseException:
+            for pid in pids:
+                _kill_and_reap(pid)
+            if made_cgroup:
+                cgroup.kill_all(signals.SIGKILL)
+                cgroup.destroy()
+            sd.remove()
+            raise
+        return Container(sd, record)
+
+    def run(self, container_id: str, bundle: str, **create_options: Any) -> int:
+        """create + start + wait + delete, as `runc run`; returns the exit status."""
+        container = self.create(container_id, bundle, **create_options)
+        try:
+            container.start()
+            return container.wait()
+        finally:
+            container.delete(force=True)
+
+
+def _with_default_devices(spec: Spec) -> Any:
+    """The spec's device rules, then the devices every container gets (runc's AllowedDevices), then the spec's nodes."""
+    import dataclasses
+
+    from .cgroups.resources import DeviceRule
+
+    resources = spec.resources
+    if resources.devices is None:
+        return resources
+    defaults = (
+        DeviceRule(True, "c", None, None, "m"), DeviceRule(True, "b", None, None, "m"),
+        DeviceRule(True, "c", 1, 3, "rwm"), DeviceRule(True, "c", 1, 5, "rwm"), DeviceRule(True, "c", 1, 7, "rwm"),
+        DeviceRule(True, "c", 1, 8, "rwm"), DeviceRule(True, "c", 1, 9, "rwm"), DeviceRule(True, "c", 5, 0, "rwm"),
+        DeviceRule(True, "c", 5, 1, "rwm"), DeviceRule(True, "c", 5, 2, "rwm"), DeviceRule(True, "c", 136, None, "rwm"),
+        DeviceRule(True, "c", 10, 200, "rwm"),
+    )
+    return dataclasses.replace(resources, devices=resources.devices + defaults)
+
+
+def _spawn(plan: init.InitPlan, cgroup: Any, pids: list[int], on_message: Any) -> int:
+    """Fork the child, put it in its cgroup, drive the init protocol; returns the pid of the final process."""
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        child = os.fork()
+        if child == 0:
+            parent_sock.close()
+            init.child_main(plan, child_sock)
+        pids.append(child)
+        child_sock.close()
+        cgroup.add_process(child)
+        init.send(parent_sock, {"go": True})
+        target = None
+        while True:
+            message = init.recv(parent_sock)
+            if message is None:
+                raise RuntimeFailure("the container's init exited before it was ready")
+            if "error" in message:
+                raise RuntimeFailure(message["error"])
+            if "pid" in message:
+                target = message["pid"]
+                if target != child:
+                    pids.insert(0, target)
+                    os.waitpid(child, 0)  # stage 1 exits once it has forked stage 2
+                    pids.remove(child)
+            elif message.get("ready"):
+                return target
+            else:
+                on_message(parent_sock, message)
+    finally:
+        parent_sock.close()
+        child_sock.close()
+
+
+def _create_step(sock: socket.socket, message: dict, spec: Spec, oci_state: dict, pids: list[int]) -> None:
+    if message.get("usermap"):
+        pid = pids[-1]
+        _write_id_map(f"/proc/{pid}/uid_map", spec.uid_mappings)
+        _write_id_map(f"/proc/{pid}/gid_map", spec.gid_mappings)
+    elif message.get("hooks"):
+        hooks = spec.hooks["prestart"] + spec.hooks["createRuntime"]
+        if hooks:
+            from .hooks import run_hooks
+
+            run_hooks(hooks, {**oci_state, "pid": pids[0]}, "createRuntime")
+    else:
+        raise RuntimeFailure(f"unexpected message from the container's init: {message}")
+    init.send(sock, {"ok": True})
+
+
+def _write_id_map(path: str, mappings: tuple) -> None:
+    with open(path, "w") as f:
+        f.write("".join(f"{m.container_id} {m.host_id} {m.size}\n" for m in mappings))
+
+
+def _write_pid_file(path: str, pid: int) -> None:
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")
+    with open(tmp, "w") as f:
+        f.write(str(pid))
+    os.rename(tmp, path)
+
+
+def _kill_and_reap(pid: int) -> None:
+    try:
+        os.kill(pid, signals.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+@dataclass
+class ExecProcess:
+    """A process started by :meth:`Container.exec`."""
+
+    pid: int
+
+    def wait(self) -> int:
+        return _wait_pid(self.pid)
+
+
+def _wait_pid(pid: int) -> int | None:
+    """The exit status of `pid` if it is our child (or we are its subreaper); otherwise wait for it and say None."""
+    try:
+        _, status = os.waitpid(pid, 0)
+        return _exit_code(status)
+    except ChildProcessError:
+        pass
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    try:
+        select.select([fd], [], [])
+    finally:
+        os.close(fd)
+    return None
+
+
+class Container:
+    def __init__(self, sd: statedir.StateDir, record: dict) -> None:
+        self._dir = sd
+        self._record = record
+
+    @property
+    def id(self) -> str:
+        return self._dir.id
+
+    @property
+    def pid(self) -> int:
+        return self._record["pid"]
+
+    @property
+    def bundle(self) -> str:
+        return self._record["bundle"]
+
+    @property
+    def exit_status(self) -> int | None:
+        return self._record.get("exit_status")
+
+    def _alive(self) -> bool:
+        start = statedir.process_start_time(self.pid)
+        return start is not None and start == self._record.get("pid_start")
+
+    def _cgroup(self) -> Any:
+        from .cgroups import from_paths
+
+        return from_paths(self._record["cgroup"])
+
+    @property
+    def status(self) -> str:
+        if not self._alive():
+            return STOPPED
+        if os.path.exists(self._dir.fifo):
+            return CREATED
+        if self._cgroup().frozen():
+            return PAUSED
+        return RUNNING
+
+    def state(self) -> dict:
+        """The OCI state: what `coldbrew state` prints."""
+        status = self.status
+        r = self._record
+        return {"ociVersion": OCI_VERSION, "id": self.id, "pid": self.pid if status != STOPPED else 0,
+                "status": status, "bundle": r["bundle"], "rootfs": r["rootfs"], "created": r["created"],
+                "owner": r.get("owner", ""), "annotations": r.get("annotations") or {}}
+
+    def spec(self) -> Spec:
+        return parse(self._record["config"], self.bundle)
+
+    def start(self) -> None:
+        """Let the created container's init exec its program (runc's exec fifo handshake)."""
+        with self._dir.locked():
+            status = self.status
+            if status != CREATED:
+                raise InvalidState(f"cannot start container {self.id}: it is {status}, not created")
+            fd = os.open(self._dir.fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                while True:
+                    ready, _, _ = select.select([fd], [], [], 0.1)
+                    if ready:
+                        data = os.read(fd, 1)
+                        if data == b"0":
+                            break
+                    if not self._alive():
+                        raise RuntimeFailure(f"container {self.id}: its init exited before start")
+            finally:
+                os.close(fd)
+            os.unlink(self._dir.fifo)
+        hooks = self.spec().hooks["poststart"] if self._record["config"].get("hooks") else ()
+        if hooks:
+            from .hooks import run_hooks
+
+            run_hooks(hooks, self.state(), "poststart")
+
+    def wait(self) -> int | None:
+        """Block until the container's init exits; its exit status, kept in the state for `delete`."""
+        code = _wait_pid(self.pid)
+        if code is not None:
+            self._record["exit_status"] = code
+            if self._dir.exists():
+                self._dir.save(self._record)
+        return code
+
+    def _wait_dying(self, timeout: float = 10.0) -> None:
+        """After SIGKILL: reap the init if it is ours, else wait until it is gone or at least exiting.
+
+        A pid namespace's init stays in exit until every process of the namespace is reaped, including `exec`'d
+        ones whose parent is outside it (a shim, or us): waiting for more than "exiting" could wait forever.
+        """
+        try:
+            _, status = os.waitpid(self.pid, 0)
+            self._record["exit_status"] = _exit_code(status)
+            return
+        except ChildProcessError:
+            pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and statedir.process_exiting(self.pid, self._record.get("pid_start")) is False:
+            time.sleep(0.002)
+
+    async def wait_async(self) -> int | None:
+        """:meth:`wait` for trio or asyncio: the pidfd becomes readable when the init exits."""
+        fd = os.pidfd_open(self.pid)
+        try:
+            try:
+                import sniffio
+
+                library = sniffio.current_async_library()
+            except ImportError:
+                library = "asyncio"
+            if library == "trio":
+                import trio
+
+                await trio.lowlevel.wait_readable(fd)
+            else:
+                import asyncio
+
+                loop = asyncio.get_running_loop()
+                done = loop.create_future()
+                loop.add_reader(fd, done.set_result, None)
+                try:
+                    await done
+                finally:
+                    loop.remove_reader(fd)
+        finally:
+            os.close(fd)
+        return self.wait()
+
+    def kill(self, signal: int | str = signals.SIGTERM, *, all_processes: bool = False) -> None:
+        sig = parse_signal(signal)
+        if not self._alive():
+            raise NotRunning(self.id)
+        if all_processes:
+            self._cgroup().kill_all(sig)
+            return
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            raise NotRunning(self.id) from None
+
+    def exec(self, process: Process, *, console_socket: str | None = None, pid_file: str | None = None,
+             preserve_fds: int = 0, stdio: tuple[int, int, int] | None = None) -> ExecProcess:
+        """Start another process in the running container's namespaces and cgroup."""
+        status = self.status
+        if status not in (RUNNING, CREATED):
+            raise InvalidState(f"cannot exec in container {self.id}: it is {status}")
+        if process.terminal and not console_socket:
+            raise RuntimeFailure("process.terminal is true: a --console-socket is needed to hand over the terminal")
+        spec = self.spec()
+        seccomp = spec.seccomp.compile() if spec.seccomp is not None else None
+        cgroup = self._cgroup()
+        plan = init.InitPlan(spec=spec, process=process, state=self.state(), cgroup_paths=self._record["cgroup"],
+                             seccomp_program=seccomp, seccomp_flags=spec.seccomp.flags if spec.seccomp else 0,
+                             shim_fd=exec_shim.shim_fd(), preserve_fds=preserve_fds, join_pid=self.pid,
+                             stdio=stdio)
+        if console_socket:
+            from . import console
+
+            plan.console_fd = console.connect(console_socket)
+        pids: list[int] = []
+        try:
+            pid = _spawn(plan, cgroup, pids, on_message=_unexpected)
+        except BaseException:
+            for p in pids:
+                _kill_and_reap(p)
+            raise
+        finally:
+            if plan.console_fd is not None:
+                os.close(plan.console_fd)
+        if pid_file:
+            _write_pid_file(pid_file, pid)
+        return ExecProcess(pid)
+
+    def pause(self) -> None:
+        with self._dir.locked():
+            if self.status != RUNNING:
+                raise InvalidState(f"cannot pause container {self.id}: it is {self.status}")
+            self._cgroup().freeze()
+
+    def resume(self) -> None:
+        with self._dir.locked():
+            if self.status != PAUSED:
+                raise InvalidState(f"cannot resume container {self.id}: it is {self.status}, not paused")
+            self._cgroup().thaw()
+
+    def update(self, resources: dict) -> None:
+        from .cgroups import Resources
+
+        if not self._alive():
+            raise NotRunning(self.id)
+        self._cgroup().update(Resources.from_spec(resources, "resources"))
+
+    def stats(self) -> dict:
+        if not self._alive():
+            raise NotRunning(self.id)
+        return self._cgroup().stats()
+
+    def processes(self) -> list[int]:
+        return sorted(self._cgroup().pids())
+
+    def attach_network(self, **options: Any) -> dict:
+        """Attach the container's network namespace to a bridge (see coldbrew.runtime.network.attach)."""
+        from . import network
+
+        if not self._alive():
+            raise NotRunning(self.id)
+        with self._dir.locked():
+            attachment = network.attach(f"/proc/{self.pid}/ns/net", **options)
+            self._record["network"].append(attachment.to_dict())
+            self._dir.save(self._record)
+        return attachment.to_dict()
+
+    def delete(self, *, force: bool = False) -> int | None:
+        """Remove the container and everything made for it; returns the init's exit status when it is known."""
+        with self._dir.locked():
+            status = self.status
+            if status in (RUNNING, PAUSED) and not force:
+                raise InvalidState(f"cannot delete container {self.id} that is not stopped: {status}")
+            cgroup = self._cgroup()
+            if status != STOPPED:
+                cgroup.kill_all(signals.SIGKILL)
+                try:
+                    os.kill(self.pid, signals.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self._wait_dying()
+            _wait_empty(cgroup)
+            hooks = self.spec_hooks("poststop")
+            failure = None
+            if hooks:
+                from .hooks import run_hooks
+
+                try:
+                    run_hooks(hooks, {**self.state(), "status": STOPPED}, "poststop")
+                except RuntimeFailure as e:
+                    failure = e  # cleanup goes on; the failure is reported after it
+            if self._record.get("network"):
+                from . import network
+
+                for item in self._record["network"]:
+                    network.detach(network.Attachment.from_dict(item))
+            cgroup.destroy()
+            self._dir.remove()
+        if failure:
+            raise failure
+        return self._record.get("exit_status")
+
+    def spec_hooks(self, stage: str) -> tuple:
+        if not (self._record["config"].get("hooks") or {}).get(stage):
+            return ()
+        try:
+            return self.spec().hooks[stage]
+        except SpecError:
+            return ()  # the bundle is gone: hooks whose spec no longer validates cannot run
+
+
+def _wait_empty(cgroup: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while cgroup.pids() and time.monotonic() < deadline:
+        cgroup.kill_all(signals.SIGKILL)
+        time.sleep(0.005)
+
+
+def _unexpected(sock: socket.socket, message: dict) -> None:
+    raise RuntimeFailure(f"unexpected message from the exec'd process: {message}")
+

@@ -1,0 +1,329 @@
+"""What runs after fork: the container's init, and the process of `exec`, up to the final execve.
+
+The runtime forks a child ("stage 1") that enters or creates the namespaces. A new pid namespace only applies to
+children, so stage 1 forks once more and the grandchild ("stage 2") is the container's pid 1; stage 1 reports its pid
+and exits. Parent and child talk over a SOCK_SEQPACKET socketpair, one small JSON message each way per step:
+
+    child  -> parent        parent -> child
+    ----------------        ----------------
+                            {"go"}                   after the parent put the child in its cgroup
+    {"usermap"}             {"ok"}                   new user namespace: the parent writes uid_map/gid_map
+    {"pid": N}                                       stage 2's pid as the host sees it
+    {"hooks"}               {"ok"}                   prestart + createRuntime hooks, run by the parent
+    {"ready"}                                        created: init now blocks opening exec.fifo until `start`
+    {"error": "..."}                                 any failure, then the child exits
+
+No threads, no heavy imports here: the child of a large process must stay small and quick to exec.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from . import console, exec_shim, libc, rootfs
+from .capabilities import ALL as _ALL_CAP_NAMES, Capabilities
+from .errors import RuntimeFailure
+from .network import bring_up_loopback
+from .seccomp import load_filter
+from .spec import NAMESPACE_PROC_NAMES, Process, Spec
+
+_MSG_MAX = 65536
+_ALL_CAPS = frozenset(_ALL_CAP_NAMES)
+
+
+@dataclass
+class InitPlan:
+    """Everything the child needs, prepared by the parent before fork (so the child computes nothing heavy)."""
+
+    spec: Spec
+    process: Process
+    state: dict  # OCI state for hooks run by the child
+    cgroup_paths: dict[str, str] = field(default_factory=dict)
+    state_dirfd: int | None = None  # create only: the state directory, for exec.fifo
+    console_fd: int | None = None  # a connected console socket, when process.terminal
+    seccomp_program: bytes | None = None
+    seccomp_flags: int = 0
+    shim_fd: int | None = None
+    no_pivot: bool = False
+    preserve_fds: int = 0
+    join_pid: int | None = None  # exec only: the container's init, whose namespaces we enter
+    stdio: tuple[int, int, int] | None = None  # the process's stdin, stdout, stderr; None: inherit ours
+
+
+def send(sock: socket.socket, message: dict) -> None:
+    sock.send(json.dumps(message).encode())
+
+
+def recv(sock: socket.socket) -> dict | None:
+    data = sock.recv(_MSG_MAX)
+    return json.loads(data) if data else None
+
+
+def child_main(plan: InitPlan, sock: socket.socket) -> NoReturn:
+    """Entry point in the forked child. Never returns: it execs the container's program or exits."""
+    code = 1
+    try:
+        libc.prctl(libc.PR_SET_DUMPABLE, 0)  # the container may not open /proc/<us>/exe or ptrace us
+        message = recv(sock)
+        if message != {"go": True}:
+            os._exit(1)
+        if plan.stdio is not None:
+            for target, fd in enumerate(plan.stdio):
+                os.dup2(fd, target)
+        if plan.join_pid is None:
+            _stage1_create(plan, sock)
+        else:
+            _stage1_exec(plan, sock)
+    except BaseException as e:  # report, never raise into the parent's copy of the stack
+        code = 127 if isinstance(e, _ExecFailed) else 1
+        try:
+            send(sock, {"error": _describe(e)})
+        except OSError:  # past "ready" nobody listens: the container's stderr is the only witness
+            os.write(2, f"coldbrew: {_describe(e)}\n".encode(errors="replace"))
+    os._exit(code)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, (RuntimeFailure, _ExecFailed)):
+        return str(e)
+    if isinstance(e, OSError):
+        return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+    return f"{type(e).__name__}: {e}"
+
+
+class _ExecFailed(Exception):
+    pass
+
+
+# ---- create ----------------------------------------------------------------------------------------------------
+
+def _stage1_create(plan: InitPlan, sock: socket.socket) -> None:
+    spec = plan.spec
+    for ns in spec.namespaces:  # join by path first: the user namespace before the rest
+        if ns.path and ns.type == "user":
+            _setns_path(ns.path, ns.flag)
+    for ns in spec.namespaces:
+        if ns.path and ns.type != "user":
+            _setns_path(ns.path, ns.flag)
+    user_ns = spec.namespace("user")
+    new_user = user_ns is not None and user_ns.path is None
+    if new_user:
+        libc.unshare(libc.CLONE_NEWUSER)
+        send(sock, {"usermap": True})
+        if recv(sock) != {"ok": True}:
+            os._exit(1)
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+    flags = 0
+    for ns in spec.namespaces:
+        if ns.path is None and ns.type != "user":
+            flags |= ns.flag
+    if flags:
+        libc.unshare(flags)
+    if flags & libc.CLONE_NEWPID:
+        pid = os.fork()
+        if pid:
+            send(sock, {"pid": pid})
+            os._exit(0)
+    else:
+        send(sock, {"pid": os.getpid()})
+    _stage2_create(plan, sock, in_user_ns=new_user or bool(user_ns))
+
+
+def _stage2_create(plan: InitPlan, sock: socket.socket, *, in_user_ns: bool) -> None:
+    spec, process = plan.spec, plan.process
+    os.setsid()
+    if spec.hooks["createContainer"] or spec.hooks["startContainer"]:
+        from . import hooks  # noqa: F401  (imported now: after pivot_root our own files are out of sight)
+    rootfd = rootfs.prepare(spec, cgroup_paths=plan.cgroup_paths,
+                            new_cgroupns=any(ns.type == "cgroup" and ns.path is None for ns in spec.namespaces),
+                            in_user_ns=in_user_ns)
+    send(sock, {"hooks": True})  # prestart and createRuntime run in the runtime's namespaces
+    if recv(sock) != {"ok": True}:
+        os._exit(1)
+    if spec.hooks["createContainer"]:
+        from .hooks import run_hooks
+
+        run_hooks(spec.hooks["createContainer"], {**plan.state, "pid": os.getpid()}, "createContainer")
+    rootfs.pivot(rootfd, no_pivot=plan.no_pivot)
+    os.close(rootfd)
+    if any(ns.type == "network" and ns.path is None for ns in spec.namespaces):
+        bring_up_loopback()
+    rootfs.finalize(spec)
+    if spec.hostname is not None:
+        socket.sethostname(spec.hostname)
+    if spec.domainname is not None:
+        libc.setdomainname(spec.domainname)
+    if process.terminal:
+        _setup_terminal(plan, spec_console=True)
+    if spec.personality is not None:
+        libc.libc.personality(spec.personality)
+    path = _prepare_process(plan, sock)
+    send(sock, {"ready": True})
+    sock.close()
+
+    # Created. Block until `start` opens the fifo's other end.
+    fifo = os.open("exec.fifo", os.O_WRONLY | os.O_CLOEXEC, dir_fd=plan.state_dirfd)
+    os.close(plan.state_dirfd)
+    os.write(fifo, b"0")
+    os.close(fifo)
+    if spec.hooks["startContainer"]:
+        from .hooks import run_hooks
+
+        run_hooks(spec.hooks["startContainer"], {**plan.state, "pid": os.getpid(), "status": "created"},
+                  "startContainer")
+    _exec(plan, path)
+
+
+# ---- exec ------------------------------------------------------------------------------------------------------
+
+def _stage1_exec(plan: InitPlan, sock: socket.socket) -> None:
+    """Enter the namespaces of the running container's init, then fork into its pid namespace."""
+    fds = []
+    try:
+        for ns in plan.spec.namespaces:
+            name = NAMESPACE_PROC_NAMES[ns.type]
+            target = f"/proc/{plan.join_pid}/ns/{name}"
+            if os.stat(target).st_ino != os.stat(f"/proc/self/ns/{name}").st_ino:
+                fds.append((ns.type, os.open(target, os.O_RDONLY | os.O_CLOEXEC)))
+        fds.sort(key=lambda item: item[0] != "user")  # the user namespace first: it owns the others
+        for ns_type, fd in fds:
+            libc.setns(fd, 0)
+    finally:
+        for _, fd in fds:
+            os.close(fd)
+    if plan.spec.namespace("pid"):
+        pid = os.fork()
+        if pid:
+            send(sock, {"pid": pid})
+            os._exit(0)
+    else:
+        send(sock, {"pid": os.getpid()})
+    os.setsid()
+    if plan.process.terminal:
+        _setup_terminal(plan, spec_console=False)
+    path = _prepare_process(plan, sock)
+    send(sock, {"ready": True})
+    sock.close()
+    _exec(plan, path)
+
+
+# ---- both ------------------------------------------------------------------------------------------------------
+
+def _setns_path(path: str, flag: int) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        libc.setns(fd, flag)
+    finally:
+        os.close(fd)
+
+
+def _setup_terminal(plan: InitPlan, *, spec_console: bool) -> None:
+    """A pty from the container's own devpts: the slave becomes our stdio, the master goes to the console socket."""
+    master, slave_path = console.open_pty(plan.process.console_size)
+    slave = os.open(slave_path, os.O_RDWR | os.O_NOCTTY)
+    if spec_console:
+        console.bind_console(slave_path)
+    console.make_controlling(slave)
+    for std in (0, 1, 2):
+        os.dup2(slave, std)
+    if slave > 2:
+        os.close(slave)
+    console.send_fd(plan.console_fd, master)
+    os.close(master)
+    os.close(plan.console_fd)
+
+
+def _prepare_process(plan: InitPlan, sock: socket.socket) -> str:
+    """rlimits, user, capabilities, umask, cwd; returns the program's path as the container resolves it."""
+    process = plan.process
+    for limit in process.rlimits:
+        try:
+            resource.setrlimit(limit.resource, (limit.soft, limit.hard))
+        except (OSError, ValueError) as e:
+            raise RuntimeFailure(f"setting {limit.name} to {limit.soft}/{limit.hard}: {e}") from None
+    try:
+        os.makedirs(process.cwd, 0o755, exist_ok=True)  # as runc does; a read-only root reports at chdir below
+    except OSError:
+        pass
+    process.capabilities.drop_bounding()
+    user = process.user
+    os.setgroups(list(user.additional_gids))
+    os.setresgid(user.gid, user.gid, user.gid)
+    libc.prctl(libc.PR_SET_KEEPCAPS, 1)
+    os.setresuid(user.uid, user.uid, user.uid)
+    libc.prctl(libc.PR_SET_KEEPCAPS, 0)
+    if plan.seccomp_program is not None and not process.no_new_privileges:
+        # Loading a filter without no_new_privs needs CAP_SYS_ADMIN, which a uid change just cleared from the
+        # effective set: keep every permitted capability effective until the filter is in (see _exec).
+        Capabilities(permitted=_ALL_CAPS, effective=_ALL_CAPS).apply()
+    else:
+        process.capabilities.apply()
+    os.umask(0o022 if user.umask is None else user.umask)
+    # Close the runtime's descriptors before chdir, so a cwd of /proc/self/fd/N cannot reach a host directory
+    # (CVE-2024-21626); then check that the cwd really is inside the container.
+    _close_host_fds(plan, sock)
+    try:
+        os.chdir(process.cwd)
+    except OSError as e:
+        raise RuntimeFailure(f"process.cwd {process.cwd!r}: {e.strerror}") from None
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise RuntimeFailure(f"process.cwd {process.cwd!r} is outside the container's root") from None
+    return _resolve_program(process)
+
+
+def _close_host_fds(plan: InitPlan, sock: socket.socket) -> None:
+    keep = {plan.shim_fd, plan.state_dirfd, sock.fileno()}
+    first = 3 + plan.preserve_fds
+    for name in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else ():
+        fd = int(name)
+        if fd >= first and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    # anything opened later (by a hook, by us) must not survive exec either
+    libc.close_range(first, 0xFFFFFFFF, 4)  # CLOSE_RANGE_CLOEXEC
+
+
+def _resolve_program(process: Process) -> str:
+    program = process.args[0]
+    if "/" in program:
+        candidates = [program]
+    else:
+        env = dict(e.split("=", 1) for e in process.env)
+        search = env.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        candidates = [os.path.join(d or ".", program) for d in search.split(":")]
+    for candidate in candidates:
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    if "/" in program:
+        raise RuntimeFailure(f"exec: {program!r}: no such executable file in the container")
+    raise RuntimeFailure(f"exec: {program!r}: executable file not found in $PATH")
+
+
+def _exec(plan: InitPlan, path: str) -> NoReturn:
+    """The last steps, in runc's order: no_new_privs, the seccomp filter, the spec's capabilities, execve.
+
+    The filter is loaded as late as possible, so it only has to allow capset, prctl and execve of what follows.
+    """
+    process = plan.process
+    if process.no_new_privileges:
+        libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
+    if plan.seccomp_program is not None:
+        load_filter(plan.seccomp_program, plan.seccomp_flags)
+        if not process.no_new_privileges:
+            process.capabilities.apply()
+    try:
+        exec_shim.execve(path, list(process.args), list(process.env), plan.shim_fd)
+    except OSError as e:
+        raise _ExecFailed(f"exec {path}: {e.strerror}") from None
+    raise AssertionError("unreachable")
+

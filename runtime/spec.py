@@ -1,0 +1,516 @@
+"""config.json into typed, validated objects.
+
+Every malformed or unsupported field raises :class:`SpecError` naming its JSON path, before anything is created.
+Unknown properties are ignored, as the runtime-spec requires; known properties this runtime cannot honour are refused.
+Sections owned by one kernel concern (resources, seccomp, capabilities) are parsed by that concern's module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import libc
+from .errors import SpecError
+
+NAMESPACE_FLAGS = {
+    "mount": libc.CLONE_NEWNS,
+    "pid": libc.CLONE_NEWPID,
+    "network": libc.CLONE_NEWNET,
+    "ipc": libc.CLONE_NEWIPC,
+    "uts": libc.CLONE_NEWUTS,
+    "user": libc.CLONE_NEWUSER,
+    "cgroup": libc.CLONE_NEWCGROUP,
+    "time": libc.CLONE_NEWTIME,
+}
+# The files under /proc/PID/ns/ that name each namespace type.
+NAMESPACE_PROC_NAMES = {"mount": "mnt", "pid": "pid", "network": "net", "ipc": "ipc", "uts": "uts",
+                        "user": "user", "cgroup": "cgroup", "time": "time"}
+
+# mount(8) options that are flags: name -> (clear, set)
+_MOUNT_FLAGS = {
+    "ro": (0, libc.MS_RDONLY), "rw": (libc.MS_RDONLY, 0),
+    "nosuid": (0, libc.MS_NOSUID), "suid": (libc.MS_NOSUID, 0),
+    "nodev": (0, libc.MS_NODEV), "dev": (libc.MS_NODEV, 0),
+    "noexec": (0, libc.MS_NOEXEC), "exec": (libc.MS_NOEXEC, 0),
+    "sync": (0, libc.MS_SYNCHRONOUS), "async": (libc.MS_SYNCHRONOUS, 0),
+    "dirsync": (0, libc.MS_DIRSYNC),
+    "remount": (0, libc.MS_REMOUNT),
+    "mand": (0, libc.MS_MANDLOCK), "nomand": (libc.MS_MANDLOCK, 0),
+    "noatime": (0, libc.MS_NOATIME), "atime": (libc.MS_NOATIME, 0),
+    "nodiratime": (0, libc.MS_NODIRATIME), "diratime": (libc.MS_NODIRATIME, 0),
+    "bind": (0, libc.MS_BIND), "rbind": (0, libc.MS_BIND | libc.MS_REC),
+    "relatime": (0, libc.MS_RELATIME), "norelatime": (libc.MS_RELATIME, 0),
+    "strictatime": (0, libc.MS_STRICTATIME), "nostrictatime": (libc.MS_STRICTATIME, 0),
+    "nosymfollow": (0, libc.MS_NOSYMFOLLOW), "symfollow": (libc.MS_NOSYMFOLLOW, 0),
+    "silent": (0, libc.MS_SILENT), "loud": (libc.MS_SILENT, 0),
+    "lazytime": (0, libc.MS_LAZYTIME), "nolazytime": (libc.MS_LAZYTIME, 0),
+    "defaults": (0, 0),
+}
+PROPAGATION_FLAGS = {
+    "private": libc.MS_PRIVATE, "rprivate": libc.MS_PRIVATE | libc.MS_REC,
+    "shared": libc.MS_SHARED, "rshared": libc.MS_SHARED | libc.MS_REC,
+    "slave": libc.MS_SLAVE, "rslave": libc.MS_SLAVE | libc.MS_REC,
+    "unbindable": libc.MS_UNBINDABLE, "runbindable": libc.MS_UNBINDABLE | libc.MS_REC,
+}
+_UNSUPPORTED_MOUNT_OPTIONS = {"tmpcopyup", "idmap", "ridmap", "copy-symlink"}
+
+RLIMITS = {
+    "RLIMIT_CPU": 0, "RLIMIT_FSIZE": 1, "RLIMIT_DATA": 2, "RLIMIT_STACK": 3, "RLIMIT_CORE": 4, "RLIMIT_RSS": 5,
+    "RLIMIT_NPROC": 6, "RLIMIT_NOFILE": 7, "RLIMIT_MEMLOCK": 8, "RLIMIT_AS": 9, "RLIMIT_LOCKS": 10,
+    "RLIMIT_SIGPENDING": 11, "RLIMIT_MSGQUEUE": 12, "RLIMIT_NICE": 13, "RLIMIT_RTPRIO": 14, "RLIMIT_RTTIME": 15,
+}
+HOOK_NAMES = ("prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop")
+_ENV_ENTRY = re.compile(r"^[^=]+=", re.S)
+
+
+# ---- small typed readers: each names the path of what it rejects ----------------------------------------------
+
+def _obj(value: Any, path: str, *, optional: bool = False) -> dict:
+    if value is None and optional:
+        return {}
+    if not isinstance(value, dict):
+        raise SpecError(path, f"must be an object, got {_kind(value)}")
+    return value
+
+
+def _list(value: Any, path: str, *, optional: bool = True) -> list:
+    if value is None and optional:
+        return []
+    if not isinstance(value, list):
+        raise SpecError(path, f"must be an array, got {_kind(value)}")
+    return value
+
+
+def _str(value: Any, path: str, *, optional: bool = False, default: str = "") -> str:
+    if value is None and optional:
+        return default
+    if not isinstance(value, str):
+        raise SpecError(path, f"must be a string, got {_kind(value)}")
+    if "\0" in value:
+        raise SpecError(path, "must not contain a NUL byte")
+    return value
+
+
+def _bool(value: Any, path: str, default: bool = False) -> bool:
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise SpecError(path, f"must be a boolean, got {_kind(value)}")
+    return value
+
+
+def _int(value: Any, path: str, *, optional: bool = False, default: int | None = None,
+         lo: int | None = None, hi: int | None = None) -> int | None:
+    if value is None and optional:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise SpecError(path, f"must be an integer, got {_kind(value)}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise SpecError(path, f"{value} is out of range [{lo}, {hi}]")
+    return value
+
+
+def _strings(value: Any, path: str) -> list[str]:
+    return [_str(item, f"{path}[{i}]") for i, item in enumerate(_list(value, path))]
+
+
+def _abs_path(value: Any, path: str) -> str:
+    text = _str(value, path)
+    if not text.startswith("/"):
+        raise SpecError(path, f"{text!r} must be an absolute path")
+    return text
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+# ---- the typed spec --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class IdMapping:
+    container_id: int
+    host_id: int
+    size: int
+
+    @classmethod
+    def parse_all(cls, value: Any, path: str) -> tuple["IdMapping", ...]:
+        result = []
+        for i, item in enumerate(_list(value, path)):
+            p = f"{path}[{i}]"
+            item = _obj(item, p)
+            result.append(cls(_int(item.get("containerID"), f"{p}.containerID", lo=0, hi=2**32 - 1),
+                              _int(item.get("hostID"), f"{p}.hostID", lo=0, hi=2**32 - 1),
+                              _int(item.get("size"), f"{p}.size", lo=1, hi=2**32 - 1)))
+        return tuple(result)
+
+
+@dataclass(frozen=True)
+class Rlimit:
+    resource: int
+    name: str
+    soft: int
+    hard: int
+
+
+@dataclass(frozen=True)
+class User:
+    uid: int = 0
+    gid: int = 0
+    umask: int | None = None
+    additional_gids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Process:
+    args: tuple[str, ...]
+    env: tuple[str, ...] = ()
+    cwd: str = "/"
+    terminal: bool = False
+    console_size: tuple[int, int] | None = None  # (height, width)
+    user: User = User()
+    capabilities: Any = None  # capabilities.Capabilities, parsed by its own module
+    rlimits: tuple[Rlimit, ...] = ()
+    no_new_privileges: bool = False
+    oom_score_adj: int | None = None
+    apparmor_profile: str = ""
+
+    @classmethod
+    def from_spec(cls, data: Any, path: str = "process") -> "Process":
+        data = _obj(data, path)
+        args = _strings(data.get("args"), f"{path}.args")
+        if not args:
+            raise SpecError(f"{path}.args", "must name the program to run")
+        env = _strings(data.get("env"), f"{path}.env")
+        for i, entry in enumerate(env):
+            if not _ENV_ENTRY.match(entry):
+                raise SpecError(f"{path}.env[{i}]", f"{entry!r} is not of the form KEY=value")
+        cwd = _abs_path(data.get("cwd", "/"), f"{path}.cwd")
+        console = None
+        if data.get("consoleSize") is not None:
+            cs = _obj(data["consoleSize"], f"{path}.consoleSize")
+            console = (_int(cs.get("height"), f"{path}.consoleSize.height", lo=0, hi=65535),
+                       _int(cs.get("width"), f"{path}.consoleSize.width", lo=0, hi=65535))
+        user = _obj(data.get("user"), f"{path}.user", optional=True)
+        umask = _int(user.get("umask"), f"{path}.user.umask", optional=True, lo=0, hi=0o777)
+        gids = tuple(_int(g, f"{path}.user.additionalGids[{i}]", lo=0, hi=2**32 - 2)
+                     for i, g in enumerate(_list(user.get("additionalGids"), f"{path}.user.additionalGids")))
+        if user.get("username") is not None:
+            _str(user["username"], f"{path}.user.username")  # Windows-only field: validated, not used
+        rlimits = []
+        seen = set()
+        for i, item in enumerate(_list(data.get("rlimits"), f"{path}.rlimits")):
+            p = f"{path}.rlimits[{i}]"
+            item = _obj(item, p)
+            name = _str(item.get("type"), f"{p}.type")
+            if name not in RLIMITS:
+                raise SpecError(f"{p}.type", f"unknown rlimit {name!r}")
+            if name in seen:
+                raise SpecError(f"{p}.type", f"{name} is given twice")
+            seen.add(name)
+            soft = _int(item.get("soft"), f"{p}.soft", lo=0, hi=2**64 - 1)
+            hard = _int(item.get("hard"), f"{p}.hard", lo=0, hi=2**64 - 1)
+            if soft > hard:
+                raise SpecError(f"{p}.soft", f"soft limit {soft} is above the hard limit {hard}")
+            rlimits.append(Rlimit(RLIMITS[name], name, soft, hard))
+        for unsupported in ("scheduler", "ioPriority", "execCPUAffinity"):
+            if data.get(unsupported) is not None:
+                raise SpecError(f"{path}.{unsupported}", "is not supported by coldbrew")
+        if data.get("selinuxLabel") and os.path.exists("/sys/fs/selinux/enforce"):
+            raise SpecError(f"{path}.selinuxLabel", "SELinux labels are not supported by coldbrew")
+        from .capabilities import Capabilities
+
+        return cls(
+            args=tuple(args), env=tuple(env), cwd=cwd,
+            terminal=_bool(data.get("terminal"), f"{path}.terminal"),
+            console_size=console,
+            user=User(_int(user.get("uid", 0), f"{path}.user.uid", lo=0, hi=2**32 - 2),
+                      _int(user.get("gid", 0), f"{path}.user.gid", lo=0, hi=2**32 - 2), umask, gids),
+            capabilities=Capabilities.from_spec(data.get("capabilities"), f"{path}.capabilities"),
+            rlimits=tuple(rlimits),
+            no_new_privileges=_bool(data.get("noNewPrivileges"), f"{path}.noNewPrivileges"),
+            oom_score_adj=_int(data.get("oomScoreAdj"), f"{path}.oomScoreAdj", optional=True, lo=-1000, hi=1000),
+            apparmor_profile=_str(data.get("apparmorProfile"), f"{path}.apparmorProfile", optional=True),
+        )
+
+
+@dataclass(frozen=True)
+class Mount:
+    destination: str
+    type: str
+    source: str
+    flags: int
+    clear_flags: int  # flags an option turned off explicitly (rw, suid, ...): matters when remounting
+    propagation: tuple[int, ...]
+    data: str
+
+    @property
+    def is_bind(self) -> bool:
+        return bool(self.flags & libc.MS_BIND)
+
+    @classmethod
+    def from_spec(cls, data: Any, path: str) -> "Mount":
+        data = _obj(data, path)
+        destination = _abs_path(data.get("destination"), f"{path}.destination")
+        if ".." in destination.split("/"):
+            raise SpecError(f"{path}.destination", f"{destination!r} must not contain '..'")
+        mtype = _str(data.get("type"), f"{path}.type", optional=True)
+        source = _str(data.get("source"), f"{path}.source", optional=True)
+        for idmap in ("uidMappings", "gidMappings"):
+            if data.get(idmap):
+                raise SpecError(f"{path}.{idmap}", "id-mapped mounts are not supported by coldbrew")
+        flags = clear = 0
+        propagation = []
+        extra = []
+        for i, option in enumerate(_strings(data.get("options"), f"{path}.options")):
+            if option in _MOUNT_FLAGS:
+                off, on = _MOUNT_FLAGS[option]
+                flags = (flags & ~off) | on
+                clear |= off
+            elif option in PROPAGATION_FLAGS:
+                propagation.append(PROPAGATION_FLAGS[option])
+            elif option in _UNSUPPORTED_MOUNT_OPTIONS:
+                raise SpecError(f"{path}.options[{i}]", f"mount option {option!r} is not supported by coldbrew")
+            elif "," in option:
+                raise SpecError(f"{path}.options[{i}]", f"{option!r}: give one option per entry")
+            else:
+                extra.append(option)
+        if mtype == "bind":
+            flags |= libc.MS_BIND
+        if flags & libc.MS_BIND:
+            if not source:
+                raise SpecError(f"{path}.source", "a bind mount needs a source")
+            if not source.startswith("/"):
+                raise SpecError(f"{path}.source", f"bind source {source!r} must be an absolute path")
+        elif not mtype:
+            raise SpecError(f"{path}.type", "is required for a mount that is not a bind mount")
+        return cls(destination, mtype, source, flags, clear, tuple(propagation), ",".join(extra))
+
+
+@dataclass(frozen=True)
+class Namespace:
+    type: str
+    path: str | None
+
+    @property
+    def flag(self) -> int:
+        return NAMESPACE_FLAGS[self.type]
+
+
+@dataclass(frozen=True)
+class Device:
+    path: str
+    type: str  # c, b, u, p
+    major: int
+    minor: int
+    file_mode: int
+    uid: int
+    gid: int
+
+    @classmethod
+    def from_spec(cls, data: Any, path: str) -> "Device":
+        data = _obj(data, path)
+        dev_path = _abs_path(data.get("path"), f"{path}.path")
+        if ".." in dev_path.split("/"):
+            raise SpecError(f"{path}.path", f"{dev_path!r} must not contain '..'")
+        dtype = _str(data.get("type"), f"{path}.type")
+        if dtype not in ("c", "b", "u", "p"):
+            raise SpecError(f"{path}.type", f"{dtype!r} must be one of c, b, u, p")
+        major = minor = 0
+        if dtype != "p":
+            major = _int(data.get("major"), f"{path}.major", lo=0, hi=2**32 - 1)
+            minor = _int(data.get("minor"), f"{path}.minor", lo=0, hi=2**32 - 1)
+        return cls(dev_path, dtype, major, minor,
+                   _int(data.get("fileMode"), f"{path}.fileMode", optional=True, default=0o666, lo=0, hi=0o7777),
+                   _int(data.get("uid"), f"{path}.uid", optional=True, default=0, lo=0, hi=2**32 - 2),
+                   _int(data.get("gid"), f"{path}.gid", optional=True, default=0, lo=0, hi=2**32 - 2))
+
+
+@dataclass(frozen=True)
+class Hook:
+    path: str
+    args: tuple[str, ...]
+    env: tuple[str, ...]
+    timeout: int | None
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "args": list(self.args), "env": list(self.env), "timeout": self.timeout}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A validated config.json. `raw` is the JSON as read, kept for the state directory and `exec`."""
+
+    raw: dict
+    root_path: str  # absolute, resolved against the bundle
+    root_readonly: bool
+    process: Process | None
+    hostname: str | None
+    domainname: str | None
+    mounts: tuple[Mount, ...]
+    hooks: dict[str, tuple[Hook, ...]]
+    annotations: dict[str, str]
+    namespaces: tuple[Namespace, ...]
+    uid_mappings: tuple[IdMapping, ...]
+    gid_mappings: tuple[IdMapping, ...]
+    devices: tuple[Device, ...]
+    cgroups_path: str | None
+    resources: Any  # cgroups.Resources
+    rootfs_propagation: int
+    seccomp: Any  # seccomp.SeccompProfile | None
+    masked_paths: tuple[str, ...]
+    readonly_paths: tuple[str, ...]
+    sysctl: dict[str, str]
+    personality: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def namespace(self, ns_type: str) -> Namespace | None:
+        for ns in self.namespaces:
+            if ns.type == ns_type:
+                return ns
+        return None
+
+
+def load_bundle(bundle: str) -> Spec:
+    """Read and validate `bundle`/config.json."""
+    config_path = os.path.join(bundle, "config.json")
+    try:
+        with open(config_path, "rb") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise SpecError("", f"{config_path} does not exist") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SpecError("", f"{config_path} is not valid JSON: {e}") from None
+    except IsADirectoryError:
+        raise SpecError("", f"{config_path} is a directory") from None
+    return parse(raw, bundle)
+
+
+def parse(raw: Any, bundle: str) -> Spec:
+    raw = _obj(raw, "(config.json)")
+    version = _str(raw.get("ociVersion"), "ociVersion")
+    if not re.match(r"^1\.\d+\.\d+", version):
+        raise SpecError("ociVersion", f"{version!r} is not a runtime-spec 1.x version")
+    root = _obj(raw.get("root"), "root")
+    root_path = _str(root.get("path"), "root.path")
+    if not root_path:
+        raise SpecError("root.path", "must not be empty")
+    root_path = os.path.normpath(os.path.join(os.path.abspath(bundle), root_path))
+    if not os.path.isdir(root_path):
+        raise SpecError("root.path", f"{root_path} is not a directory")
+
+    process = Process.from_spec(raw["process"]) if raw.get("process") is not None else None
+    hostname = _str(raw.get("hostname"), "hostname", optional=True, default=None)
+    domainname = _str(raw.get("domainname"), "domainname", optional=True, default=None)
+    for name, value in (("hostname", hostname), ("domainname", domainname)):
+        if value is not None and len(value.encode()) > 64:
+            raise SpecError(name, "is longer than 64 bytes")
+
+    mounts = tuple(Mount.from_spec(m, f"mounts[{i}]") for i, m in enumerate(_list(raw.get("mounts"), "mounts")))
+    hooks = _parse_hooks(raw.get("hooks"))
+    annotations = _obj(raw.get("annotations"), "annotations", optional=True)
+    for key, value in annotations.items():
+        _str(value, f"annotations.{key}")
+
+    linux = _obj(raw.get("linux"), "linux", optional=True)
+    namespaces = []
+    seen = set()
+    for i, item in enumerate(_list(linux.get("namespaces"), "linux.namespaces")):
+        p = f"linux.namespaces[{i}]"
+        item = _obj(item, p)
+        ns_type = _str(item.get("type"), f"{p}.type")
+        if ns_type not in NAMESPACE_FLAGS:
+            raise SpecError(f"{p}.type", f"unknown namespace type {ns_type!r}")
+        if ns_type == "time":
+            raise SpecError(f"{p}.type", "time namespaces are not supported by coldbrew")
+        if ns_type in seen:
+            raise SpecError(f"{p}.type", f"namespace {ns_type!r} is given twice")
+        seen.add(ns_type)
+        ns_path = item.get("path")
+        if ns_path is not None:
+            ns_path = _abs_path(ns_path, f"{p}.path")
+            if not os.path.exists(ns_path):
+                raise SpecError(f"{p}.path", f"{ns_path} does not exist")
+        namespaces.append(Namespace(ns_type, ns_path or None))
+    if "mount" not in seen:
+        raise SpecError("linux.namespaces", "a mount namespace is required: coldbrew never mounts in the host's")
+    uid_mappings = IdMapping.parse_all(linux.get("uidMappings"), "linux.uidMappings")
+    gid_mappings = IdMapping.parse_all(linux.get("gidMappings"), "linux.gidMappings")
+    user_ns = next((ns for ns in namespaces if ns.type == "user"), None)
+    if user_ns and user_ns.path is None and not (uid_mappings and gid_mappings):
+        raise SpecError("linux.uidMappings", "a new user namespace needs uidMappings and gidMappings")
+    if (uid_mappings or gid_mappings) and not (user_ns and user_ns.path is None):
+        raise SpecError("linux.uidMappings", "id mappings are given but no new user namespace is requested")
+
+    devices = tuple(Device.from_spec(d, f"linux.devices[{i}]")
+                    for i, d in enumerate(_list(linux.get("devices"), "linux.devices")))
+    cgroups_path = _str(linux.get("cgroupsPath"), "linux.cgroupsPath", optional=True, default=None) or None
+    from .cgroups import Resources
+
+    resources = Resources.from_spec(linux.get("resources"), "linux.resources")
+    propagation = 0
+    if linux.get("rootfsPropagation"):
+        name = _str(linux["rootfsPropagation"], "linux.rootfsPropagation")
+        if name not in PROPAGATION_FLAGS:
+            raise SpecError("linux.rootfsPropagation", f"unknown propagation {name!r}")
+        propagation = PROPAGATION_FLAGS[name]
+    seccomp = None
+    if linux.get("seccomp") is not None:
+        from .seccomp import SeccompProfile
+
+        seccomp = SeccompProfile.from_spec(linux["seccomp"], "linux.seccomp")
+    masked = tuple(_abs_path(p, f"linux.maskedPaths[{i}]")
+                   for i, p in enumerate(_list(linux.get("maskedPaths"), "linux.maskedPaths")))
+    readonly = tuple(_abs_path(p, f"linux.readonlyPaths[{i}]")
+                     for i, p in enumerate(_list(linux.get("readonlyPaths"), "linux.readonlyPaths")))
+    sysctl = _obj(linux.get("sysctl"), "linux.sysctl", optional=True)
+    for key, value in sysctl.items():
+        _str(value, f"linux.sysctl.{key}")
+        if not re.match(r"^[a-zA-Z0-9_.\-/]+$", key) or ".." in key:
+            raise SpecError(f"linux.sysctl.{key}", "is not a valid sysctl name")
+    personality = None
+    if linux.get("personality") is not None:
+        pers = _obj(linux["personality"], "linux.personality")
+        domain = _str(pers.get("domain"), "linux.personality.domain")
+        if domain not in ("LINUX", "LINUX32"):
+            raise SpecError("linux.personality.domain", f"unknown domain {domain!r}")
+        if pers.get("flags"):
+            raise SpecError("linux.personality.flags", "personality flags are not supported by coldbrew")
+        personality = 0 if domain == "LINUX" else 0x0008
+    for unsupported in ("intelRdt", "timeOffsets", "memoryPolicy", "netDevices"):
+        if linux.get(unsupported):
+            raise SpecError(f"linux.{unsupported}", "is not supported by coldbrew")
+    if linux.get("mountLabel") and os.path.exists("/sys/fs/selinux/enforce"):
+        raise SpecError("linux.mountLabel", "SELinux labels are not supported by coldbrew")
+    if hostname and not any(ns.type == "uts" and ns.path is None for ns in namespaces):
+        raise SpecError("hostname", "setting a hostname needs a new uts namespace")
+
+    return Spec(
+        raw=raw, root_path=root_path, root_readonly=_bool(root.get("readonly"), "root.readonly"),
+        process=process, hostname=hostname, domainname=domainname, mounts=mounts, hooks=hooks,
+        annotations=dict(annotations), namespaces=tuple(namespaces), uid_mappings=uid_mappings,
+        gid_mappings=gid_mappings, devices=devices, cgroups_path=cgroups_path, resources=resources,
+        rootfs_propagation=propagation, seccomp=seccomp, masked_paths=masked, readonly_paths=readonly,
+        sysctl=dict(sysctl), personality=personality,
+    )
+
+
+def _parse_hooks(value: Any) -> dict[str, tuple[Hook, ...]]:
+    hooks_obj = _obj(value, "hooks", optional=True)
+    result = {}
+    for name in HOOK_NAMES:
+        entries = []
+        for i, item in enumerate(_list(hooks_obj.get(name), f"hooks.{name}")):
+            p = f"hooks.{name}[{i}]"
+            item = _obj(item, p)
+            entries.append(Hook(_abs_path(item.get("path"), f"{p}.path"),
+                                tuple(_strings(item.get("args"), f"{p}.args")),
+                                tuple(_strings(item.get("env"), f"{p}.env")),
+                                _int(item.get("timeout"), f"{p}.timeout", optional=True, lo=1, hi=86400)))
+        result[name] = tuple(entries)
+    return result

@@ -1,0 +1,118 @@
+"""A container's state directory under the runtime root: state.json, exec.fifo, a lock.
+
+state.json is written atomically (temp file + rename); its presence means creation finished. exec.fifo's presence
+means "created, not yet started" (runc's convention). The init's start time from /proc guards against a reused pid.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Iterator
+
+from .errors import ContainerNotFound, RuntimeFailure
+
+STATE_FILE = "state.json"
+FIFO = "exec.fifo"
+_PF_EXITING = 0x4
+_VALID_ID = re.compile(r"^[\w+\-.]+$")
+
+
+def validate_id(container_id: str) -> None:
+    if not container_id or not _VALID_ID.match(container_id) or container_id in (".", ".."):
+        raise RuntimeFailure(f"invalid container id {container_id!r}: use letters, digits, '_', '+', '-', '.'")
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def process_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (clock ticks since boot), or None if the process is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = data[data.rindex(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+def process_exiting(pid: int, start_time: int | None) -> bool | None:
+    """True if the process is gone or exiting (PF_EXITING), False if it still runs, for the process that started
+    at `start_time`."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    fields = data[data.rindex(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X") or int(fields[19]) != start_time:
+        return True
+    return bool(int(fields[6]) & _PF_EXITING)
+
+
+class StateDir:
+    def __init__(self, root: str, container_id: str) -> None:
+        validate_id(container_id)
+        self.root = root
+        self.id = container_id
+        self.path = os.path.join(root, container_id)
+
+    def exists(self) -> bool:
+        return os.path.isdir(self.path)
+
+    def make(self) -> None:
+        """Create the directory; FileExistsError if a container of this id exists."""
+        os.makedirs(self.root, mode=0o711, exist_ok=True)
+        os.mkdir(self.path, 0o711)
+
+    def load(self) -> dict:
+        try:
+            with open(os.path.join(self.path, STATE_FILE), "rb") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            raise ContainerNotFound(self.id) from None
+        except ValueError as e:
+            raise RuntimeFailure(f"container {self.id}: corrupt state file: {e}") from None
+
+    def save(self, state: dict) -> None:
+        tmp = os.path.join(self.path, f".{STATE_FILE}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(state, f)
+        os.rename(tmp, os.path.join(self.path, STATE_FILE))
+
+    @property
+    def fifo(self) -> str:
+        return os.path.join(self.path, FIFO)
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Serialise operations on one container across processes."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ContainerNotFound(self.id) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def remove(self) -> None:
+        for name in os.listdir(self.path):
+            os.unlink(os.path.join(self.path, name))
+        os.rmdir(self.path)
+
+
+def list_ids(root: str) -> list[str]:
+    try:
+        return sorted(n for n in os.listdir(root) if os.path.isfile(os.path.join(root, n, STATE_FILE)))
+    except FileNotFoundError:
+        return []

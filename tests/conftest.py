@@ -1,0 +1,85 @@
+"""Shared fixtures: a busybox-static root filesystem, bundles made from it, a private runtime root."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from coldbrew.bench.bundles import busybox_config, make_rootfs
+
+VENV_BIN = Path(sys.executable).parent
+COLDBREW = str(VENV_BIN / "coldbrew")
+
+
+@pytest.fixture(scope="session")
+def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_rootfs(tmp_path_factory.mktemp("rootfs"))
+
+
+class Bundles:
+    def __init__(self, base: Path, rootfs: Path) -> None:
+        self.base = base
+        self.rootfs = rootfs
+
+    def make(self, args: list[str] | None = None, edit=None, config: dict | None = None) -> Path:
+        bundle = self.base / uuid.uuid4().hex[:12]
+        bundle.mkdir()
+        config = config if config is not None else busybox_config(self.rootfs, args or ["true"])
+        if edit:
+            edit(config)
+        (bundle / "config.json").write_text(json.dumps(config))
+        return bundle
+
+
+@pytest.fixture
+def bundles(tmp_path: Path, rootfs: Path) -> Bundles:
+    return Bundles(tmp_path, rootfs)
+
+
+@pytest.fixture
+def runtime_root(tmp_path: Path):
+    root = Path("/run") / f"coldbrew-test-{uuid.uuid4().hex[:8]}"
+    yield str(root)
+    leftovers = os.listdir(root) if root.exists() else []
+    if root.exists():
+        shutil.rmtree(root, ignore_errors=True)
+    assert not leftovers, f"state directories left behind: {leftovers}"
+
+
+@pytest.fixture
+def runtime(runtime_root: str):
+    from coldbrew.runtime.container import Runtime
+
+    rt = Runtime(runtime_root)
+    yield rt
+    for container in rt.list():
+        container.delete(force=True)
+
+
+@pytest.fixture
+def cid(request) -> str:
+    """A container id unique to this test (cgroups are named after it)."""
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+def coldbrew(root: str, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI. Its output goes through files, not pipes: a created container's init inherits them and keeps
+    running, so a pipe would never see its end."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        result = subprocess.run([COLDBREW, "--root", root, *args], stdout=out, stderr=err,
+                                input=input.encode() if input is not None else None,
+                                stdin=None if input is not None else subprocess.DEVNULL)
+        out.seek(0)
+        err.seek(0)
+        result.stdout, result.stderr = out.read().decode(), err.read().decode()
+    if check and result.returncode != 0:
+        raise AssertionError(f"coldbrew {' '.join(args)} exited {result.returncode}: {result.stderr}")
+    return result
