@@ -82,6 +82,7 @@ class Runtime:
             raise RuntimeFailure("process.terminal is true: a --console-socket is needed to hand over the terminal")
         if console_socket and not spec.process.terminal:
             raise RuntimeFailure("--console-socket was given but process.terminal is false")
+        _refuse_host_mount_namespace(spec)
         from .cgroups import open_cgroup
 
         cgroup = open_cgroup(spec.cgroups_path, container_id)
@@ -149,6 +150,24 @@ class Runtime:
             container.delete(force=True)
 
 
+def _refuse_host_mount_namespace(spec: Spec) -> None:
+    """Joining our own (or the host's) mount namespace by path would make the container's mounts and pivot_root
+    change the root of every process in it."""
+    ns = spec.namespace("mount")
+    if ns is None or ns.path is None:
+        return
+    target = os.stat(ns.path)
+    for own in ("/proc/self/ns/mnt", "/proc/1/ns/mnt"):
+        try:
+            st = os.stat(own)
+        except OSError:
+            continue  # no access to pid 1's: our own is the one that matters most
+        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+            raise SpecError(f"linux.namespaces[{spec.namespaces.index(ns)}].path",
+                            f"{ns.path} is the runtime's or the host's mount namespace: the container would "
+                            "mount over the host and pivot its root")
+
+
 def _with_default_devices(spec: Spec) -> Any:
     """The spec's device rules, then the devices every container gets (runc's AllowedDevices), then the spec's nodes."""
     import dataclasses
@@ -171,6 +190,7 @@ def _with_default_devices(spec: Spec) -> Any:
 def _spawn(plan: init.InitPlan, cgroup: Any, pids: list[int], on_message: Any) -> int:
     """Fork the child, put it in its cgroup, drive the init protocol; returns the pid of the final process."""
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    child = None
     try:
         child = os.fork()
         if child == 0:
@@ -182,9 +202,12 @@ def _spawn(plan: init.InitPlan, cgroup: Any, pids: list[int], on_message: Any) -
         init.send(parent_sock, {"go": True})
         target = None
         while True:
-            message = init.recv(parent_sock)
+            try:
+                message = init.recv(parent_sock)
+            except ConnectionResetError:  # it died with our last message unread (the OOM killer, for one)
+                message = None
             if message is None:
-                raise RuntimeFailure("the container's init exited before it was ready")
+                raise RuntimeFailure("the container's init exited before it was ready" + _death_cause(pids))
             if "error" in message:
                 raise RuntimeFailure(message["error"])
             if "pid" in message:
@@ -197,9 +220,76 @@ def _spawn(plan: init.InitPlan, cgroup: Any, pids: list[int], on_message: Any) -
                 return target
             else:
                 on_message(parent_sock, message)
+    except BaseException:
+        if child:
+            _kill_strays(child, pids)
+        raise
     finally:
         parent_sock.close()
         child_sock.close()
+
+
+def _kill_strays(stage1: int, pids: list[int]) -> None:
+    """Kill and reap whatever the failed child `stage1` forked, known to us or not (see init.stray_name).
+
+    Stage 2 is our orphan once stage 1 dies (we are the subreaper): killed before it said stage 2's pid (the OOM
+    killer, for one), stage 1 would leave a zombie of ours nobody knows of. A reaped pid leaves `pids`.
+    """
+    name = init.stray_name(stage1).encode()
+    deadline = time.monotonic() + 1.0
+    while True:
+        alive = False
+        for pid, state in _processes_named(name):
+            try:
+                if state != b"Z":
+                    os.kill(pid, signals.SIGKILL)
+                    alive = True
+                elif os.waitpid(pid, os.WNOHANG)[0] and pid in pids:
+                    pids.remove(pid)
+            except (ProcessLookupError, ChildProcessError):
+                pass  # gone, or a zombie that is not ours: its parent or the host's init reaps it
+        if not alive or time.monotonic() >= deadline:
+            return
+        time.sleep(0.002)
+
+
+def _processes_named(name: bytes) -> list[tuple[int, bytes]]:
+    """(pid, state letter) of every process whose name is `name`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            end = data.rindex(b")")
+            if data[data.index(b"(") + 1:end] == name:
+                found.append((int(entry), data[end + 2:end + 3]))
+    return found
+
+
+def _death_cause(pids: list[int]) -> str:
+    """How the runtime's child died, for the error message, when it is ours to reap (a signal: usually a memory
+    limit too small for the init). A pid reaped here leaves `pids`."""
+    deadline = time.monotonic() + 0.5  # the socket closes a moment before the exit status is there
+    for pid in list(pids):
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            while not done and time.monotonic() < deadline:
+                time.sleep(0.002)
+                done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            continue
+        if not done:
+            continue
+        pids.remove(pid)
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            hint = ", out of memory?" if sig == signals.SIGKILL else ""
+            return f" (killed by {signals.Signals(sig).name}{hint})"
+        return f" (exit status {os.waitstatus_to_exitcode(status)})"
+    return ""
 
 
 def _create_step(sock: socket.socket, message: dict, spec: Spec, oci_state: dict, pids: list[int]) -> None:
@@ -236,6 +326,11 @@ def _kill_and_reap(pid: int) -> None:
         os.waitpid(pid, 0)
     except (ProcessLookupError, ChildProcessError):
         pass
+
+
+# The processes this process exec'd into each container, keyed by the container's init (pid, start time). They are
+# our children (we are their subreaper): see Container._reap_execs.
+_EXECS: dict[tuple[int, int | None], list[tuple[int, int | None]]] = {}
 
 
 @dataclass
@@ -344,6 +439,17 @@ class Container:
 
     def wait(self) -> int | None:
         """Block until the container's init exits; its exit status, kept in the state for `delete`."""
+        if self._reap_execs():
+            try:
+                fd = os.pidfd_open(self.pid)
+            except ProcessLookupError:
+                fd = None
+            if fd is not None:
+                try:  # poll while exec'd processes of ours may hold the init's exit (see _reap_execs)
+                    while not select.select([fd], [], [], 0.05)[0] and self._reap_execs():
+                        pass
+                finally:
+                    os.close(fd)
         code = _wait_pid(self.pid)
         if code is not None:
             self._record["exit_status"] = code
@@ -351,20 +457,62 @@ class Container:
                 self._dir.save(self._record)
         return code
 
+    def _reap_execs(self, *, dead: bool = False) -> bool:
+        """Reap the processes we exec'd into the container once its init is exiting; True while some are left.
+
+        They are our children (we are their subreaper), and a pid namespace's init does not finish exiting until
+        every process of its namespace is reaped: whoever waits for the init must reap them, or the two would wait
+        for each other for ever. While the init runs they are left to ExecProcess.wait(). `dead`: the container is
+        gone, reap them all (they were killed with it).
+        """
+        key = (self.pid, self._record.get("pid_start"))
+        if key not in _EXECS:
+            return False
+        reap = dead or statedir.process_exiting(*key)
+        deadline = time.monotonic() + (1.0 if dead else 0.0)  # killed with the container: give them a moment
+        left = []
+        for pid, start in _EXECS.pop(key, ()):
+            while start is not None and statedir.process_start_time(pid, zombies=True) == start:  # not reaped yet
+                if not reap:
+                    left.append((pid, start))
+                    break
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0]:
+                        break
+                except ChildProcessError:
+                    break  # not ours to reap
+                if time.monotonic() >= deadline:
+                    left.append((pid, start))
+                    break
+                time.sleep(0.002)
+        if left:
+            _EXECS[key] = left
+        return bool(left)
+
+    def _reap_init(self) -> bool:
+        """Reap the init if it is our child and has exited (it may be a zombie of ours though the state says
+        stopped); True once it is gone."""
+        start = self._record.get("pid_start")
+        if statedir.process_start_time(self.pid, zombies=True) != start:
+            return True  # reaped already (the pid may have been reused since: leave that process alone)
+        try:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return statedir.process_exiting(self.pid, start)  # not ours: "exiting" is as far as we can see it
+        if done:
+            self._record["exit_status"] = _exit_code(status)
+        return bool(done)
+
     def _wait_dying(self, timeout: float = 10.0) -> None:
         """After SIGKILL: reap the init if it is ours, else wait until it is gone or at least exiting.
 
         A pid namespace's init stays in exit until every process of the namespace is reaped, including `exec`'d
-        ones whose parent is outside it (a shim, or us): waiting for more than "exiting" could wait forever.
+        ones whose parent is outside it (a shim, or us): we reap ours meanwhile; waiting for more than "exiting"
+        of an init that is not ours could wait forever.
         """
-        try:
-            _, status = os.waitpid(self.pid, 0)
-            self._record["exit_status"] = _exit_code(status)
-            return
-        except ChildProcessError:
-            pass
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and statedir.process_exiting(self.pid, self._record.get("pid_start")) is False:
+        while not self._reap_init() and time.monotonic() < deadline:
+            self._reap_execs()
             time.sleep(0.002)
 
     async def wait_async(self) -> int | None:
@@ -380,17 +528,17 @@ class Container:
             if library == "trio":
                 import trio
 
-                await trio.lowlevel.wait_readable(fd)
+                sleep, wait_readable = trio.sleep, trio.lowlevel.wait_readable
             else:
                 import asyncio
 
-                loop = asyncio.get_running_loop()
-                done = loop.create_future()
-                loop.add_reader(fd, done.set_result, None)
-                try:
-                    await done
-                finally:
-                    loop.remove_reader(fd)
+                sleep, wait_readable = asyncio.sleep, _asyncio_readable
+            while self._reap_execs():  # exec'd processes of ours may hold the init's exit: poll (see wait)
+                if select.select([fd], [], [], 0)[0]:
+                    break
+                await sleep(0.05)
+            else:
+                await wait_readable(fd)
         finally:
             os.close(fd)
         return self.wait()
@@ -436,6 +584,8 @@ class Container:
         finally:
             if plan.console_fd is not None:
                 os.close(plan.console_fd)
+        _EXECS.setdefault((self.pid, self._record.get("pid_start")), []).append(
+            (pid, statedir.process_start_time(pid, zombies=True)))
         if pid_file:
             _write_pid_file(pid_file, pid)
         return ExecProcess(pid)
@@ -492,8 +642,9 @@ class Container:
                     os.kill(self.pid, signals.SIGKILL)
                 except ProcessLookupError:
                     pass
-                self._wait_dying()
+            self._wait_dying()  # also a stopped init may still be a zombie of ours
             _wait_empty(cgroup)
+            self._reap_execs(dead=True)
             hooks = self.spec_hooks("poststop")
             failure = None
             if hooks:
@@ -521,6 +672,18 @@ class Container:
             return self.spec().hooks[stage]
         except SpecError:
             return ()  # the bundle is gone: hooks whose spec no longer validates cannot run
+
+
+async def _asyncio_readable(fd: int) -> None:
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    loop.add_reader(fd, done.set_result, None)
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
 
 
 def _wait_empty(cgroup: Any, timeout: float = 5.0) -> None:

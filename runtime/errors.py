@@ -38,8 +38,8 @@ class InvalidState(RuntimeFailure):
 
 class NotRunning(InvalidState):
     def __init__(self, container_id: str) -> None:
-        # "container not running" is what clients match on for kill.
-        super().__init__(f"container {container_id} not running")
+        # runc's words: containerd's shim takes "container not running" to mean "already exited"
+        super().__init__(f"cannot signal container {container_id}: container not running")
 
 
 class Unsupported(RuntimeFailure):

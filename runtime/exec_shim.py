@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import platform
 import struct
 
 _CODE_X86_64 = bytes.fromhex(
@@ -56,7 +55,7 @@ def _elf(code: bytes) -> bytes:
 def shim_fd() -> int | None:
     """A sealed memfd holding the shim, made once per process; None where no shim exists for this CPU."""
     global _shim_fd
-    if _shim_fd is None and platform.machine() == "x86_64":
+    if _shim_fd is None and os.uname().machine == "x86_64":
         flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
         try:
             fd = os.memfd_create("coldbrew-exec", flags | _MFD_EXEC)

@@ -18,6 +18,7 @@ No threads, no heavy imports here: the child of a large process must stay small 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import resource
@@ -27,13 +28,12 @@ from typing import NoReturn
 
 from . import console, exec_shim, libc, rootfs
 from .capabilities import ALL as _ALL_CAP_NAMES, Capabilities
-from .errors import RuntimeFailure
+from .errors import RuntimeFailure, SyscallError
 from .network import bring_up_loopback
 from .seccomp import load_filter
 from .spec import NAMESPACE_PROC_NAMES, Process, Spec
 
 _MSG_MAX = 65536
-_ALL_CAPS = frozenset(_ALL_CAP_NAMES)
 
 
 @dataclass
@@ -69,6 +69,8 @@ def child_main(plan: InitPlan, sock: socket.socket) -> NoReturn:
     code = 1
     try:
         libc.prctl(libc.PR_SET_DUMPABLE, 0)  # the container may not open /proc/<us>/exe or ptrace us
+        with open("/proc/self/comm", "w") as f:  # inherited by stage 2: the parent finds it by this name
+            f.write(stray_name(os.getpid()))
         message = recv(sock)
         if message != {"go": True}:
             os._exit(1)
@@ -86,6 +88,12 @@ def child_main(plan: InitPlan, sock: socket.socket) -> NoReturn:
         except OSError:  # past "ready" nobody listens: the container's stderr is the only witness
             os.write(2, f"coldbrew: {_describe(e)}\n".encode(errors="replace"))
     os._exit(code)
+
+
+def stray_name(stage1: int) -> str:
+    """The process name of the runtime's child `stage1` and of what it forks, until the final exec: if stage 1 dies
+    before it reports stage 2's pid, the runtime still finds stage 2 (its orphan to reap) by this name."""
+    return f"cbinit:{stage1}"
 
 
 def _describe(e: BaseException) -> str:
@@ -126,10 +134,7 @@ def _stage1_create(plan: InitPlan, sock: socket.socket) -> None:
     if flags:
         libc.unshare(flags)
     if flags & libc.CLONE_NEWPID:
-        pid = os.fork()
-        if pid:
-            send(sock, {"pid": pid})
-            os._exit(0)
+        _fork_stage2(sock)
     else:
         send(sock, {"pid": os.getpid()})
     _stage2_create(plan, sock, in_user_ns=new_user or bool(user_ns))
@@ -198,10 +203,7 @@ def _stage1_exec(plan: InitPlan, sock: socket.socket) -> None:
         for _, fd in fds:
             os.close(fd)
     if plan.spec.namespace("pid"):
-        pid = os.fork()
-        if pid:
-            send(sock, {"pid": pid})
-            os._exit(0)
+        _fork_stage2(sock)
     else:
         send(sock, {"pid": os.getpid()})
     os.setsid()
@@ -214,6 +216,25 @@ def _stage1_exec(plan: InitPlan, sock: socket.socket) -> None:
 
 
 # ---- both ------------------------------------------------------------------------------------------------------
+
+def _fork_stage2(sock: socket.socket) -> None:
+    """Fork into the new pid namespace: stage 1 reports stage 2's pid and exits; stage 2 returns.
+
+    Both write to the same socket, and the parent takes the first {"ready"} as the end: stage 2 must not say
+    anything before the pid is sent, so it waits for the pipe to close (stage 1's exit closes it).
+    """
+    sent_r, sent_w = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError as e:
+        raise RuntimeFailure(f"fork of the container's init: {e.strerror} (a pids limit too low?)") from None
+    if pid:
+        send(sock, {"pid": pid})
+        os._exit(0)
+    os.close(sent_w)
+    os.read(sent_r, 1)
+    os.close(sent_r)
+
 
 def _setns_path(path: str, flag: int) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -244,7 +265,7 @@ def _prepare_process(plan: InitPlan, sock: socket.socket) -> str:
     process = plan.process
     for limit in process.rlimits:
         try:
-            resource.setrlimit(limit.resource, (limit.soft, limit.hard))
+            resource.setrlimit(limit.resource, (_rlim(limit.soft), _rlim(limit.hard)))
         except (OSError, ValueError) as e:
             raise RuntimeFailure(f"setting {limit.name} to {limit.soft}/{limit.hard}: {e}") from None
     try:
@@ -261,7 +282,8 @@ def _prepare_process(plan: InitPlan, sock: socket.socket) -> str:
     if plan.seccomp_program is not None and not process.no_new_privileges:
         # Loading a filter without no_new_privs needs CAP_SYS_ADMIN, which a uid change just cleared from the
         # effective set: keep every permitted capability effective until the filter is in (see _exec).
-        Capabilities(permitted=_ALL_CAPS, effective=_ALL_CAPS).apply()
+        held = _permitted_now()
+        Capabilities(permitted=held, effective=held).apply()
     else:
         process.capabilities.apply()
     os.umask(0o022 if user.umask is None else user.umask)
@@ -277,6 +299,23 @@ def _prepare_process(plan: InitPlan, sock: socket.socket) -> str:
     except FileNotFoundError:
         raise RuntimeFailure(f"process.cwd {process.cwd!r} is outside the container's root") from None
     return _resolve_program(process)
+
+
+def _permitted_now() -> frozenset[str]:
+    """The permitted set this process holds. Not all capabilities: a host's root may lack some (CAP_SYS_RESOURCE in
+    some VMs), and capset refuses to add to the permitted set."""
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable} words
+    if libc.libc.capget(header, data) != 0:
+        raise SyscallError(libc.errno(), "capget")
+    mask = data[1] | data[4] << 32
+    return frozenset(name for number, name in enumerate(_ALL_CAP_NAMES) if mask >> number & 1)
+
+
+def _rlim(value: int) -> int:
+    """rlim_t is unsigned 64-bit but Python's setrlimit takes a signed C long long: pass values from 2**63 up
+    (RLIM_INFINITY is 2**64-1, the spec's "unlimited") as the negative number with the same bits."""
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def _close_host_fds(plan: InitPlan, sock: socket.socket) -> None:
@@ -305,7 +344,9 @@ def _resolve_program(process: Process) -> str:
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
     if "/" in program:
-        raise RuntimeFailure(f"exec: {program!r}: no such executable file in the container")
+        # runc's words: podman turns "no such file or directory" into exit status 127, "permission denied" into 126
+        reason = "permission denied" if os.path.exists(program) else "no such file or directory"
+        raise RuntimeFailure(f"exec: {program!r}: {reason}")
     raise RuntimeFailure(f"exec: {program!r}: executable file not found in $PATH")
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import struct
 
 from .errors import SyscallError
@@ -23,7 +22,7 @@ _NR = {
                "keyctl": 250, "kcmp": 312},
     "aarch64": {"pivot_root": 41, "seccomp": 277, "bpf": 280, "openat2": 437, "close_range": 436,
                 "keyctl": 219, "kcmp": 272},
-}[platform.machine()]
+}[os.uname().machine]
 
 # clone(2) flags
 CLONE_NEWNS = 0x00020000

@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from collections import namedtuple  # records without dataclasses: importing those costs ~10 ms per start
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 from . import libc
 from .errors import SpecError
@@ -132,11 +135,8 @@ def _kind(value: Any) -> str:
 
 # ---- the typed spec --------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class IdMapping:
-    container_id: int
-    host_id: int
-    size: int
+class IdMapping(namedtuple("IdMapping", "container_id host_id size")):
+    __slots__ = ()
 
     @classmethod
     def parse_all(cls, value: Any, path: str) -> tuple["IdMapping", ...]:
@@ -150,35 +150,19 @@ class IdMapping:
         return tuple(result)
 
 
-@dataclass(frozen=True)
-class Rlimit:
-    resource: int
-    name: str
-    soft: int
-    hard: int
+class Rlimit(namedtuple("Rlimit", "resource name soft hard")):
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class User:
-    uid: int = 0
-    gid: int = 0
-    umask: int | None = None
-    additional_gids: tuple[int, ...] = ()
+class User(namedtuple("User", "uid gid umask additional_gids", defaults=(0, 0, None, ()))):
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class Process:
-    args: tuple[str, ...]
-    env: tuple[str, ...] = ()
-    cwd: str = "/"
-    terminal: bool = False
-    console_size: tuple[int, int] | None = None  # (height, width)
-    user: User = User()
-    capabilities: Any = None  # capabilities.Capabilities, parsed by its own module
-    rlimits: tuple[Rlimit, ...] = ()
-    no_new_privileges: bool = False
-    oom_score_adj: int | None = None
-    apparmor_profile: str = ""
+class Process(namedtuple("Process", "args env cwd terminal console_size user capabilities rlimits "
+                                    "no_new_privileges oom_score_adj apparmor_profile")):
+    """config.json's `process`; `capabilities` is a capabilities.Capabilities, `console_size` (height, width)."""
+
+    __slots__ = ()
 
     @classmethod
     def from_spec(cls, data: Any, path: str = "process") -> "Process":
@@ -239,15 +223,8 @@ class Process:
         )
 
 
-@dataclass(frozen=True)
-class Mount:
-    destination: str
-    type: str
-    source: str
-    flags: int
-    clear_flags: int  # flags an option turned off explicitly (rw, suid, ...): matters when remounting
-    propagation: tuple[int, ...]
-    data: str
+class Mount(namedtuple("Mount", "destination type source flags clear_flags propagation data")):
+    __slots__ = ()
 
     @property
     def is_bind(self) -> bool:
@@ -292,25 +269,16 @@ class Mount:
         return cls(destination, mtype, source, flags, clear, tuple(propagation), ",".join(extra))
 
 
-@dataclass(frozen=True)
-class Namespace:
-    type: str
-    path: str | None
+class Namespace(namedtuple("Namespace", "type path")):
+    __slots__ = ()
 
     @property
     def flag(self) -> int:
         return NAMESPACE_FLAGS[self.type]
 
 
-@dataclass(frozen=True)
-class Device:
-    path: str
-    type: str  # c, b, u, p
-    major: int
-    minor: int
-    file_mode: int
-    uid: int
-    gid: int
+class Device(namedtuple("Device", "path type major minor file_mode uid gid")):
+    __slots__ = ()
 
     @classmethod
     def from_spec(cls, data: Any, path: str) -> "Device":
@@ -331,43 +299,16 @@ class Device:
                    _int(data.get("gid"), f"{path}.gid", optional=True, default=0, lo=0, hi=2**32 - 2))
 
 
-@dataclass(frozen=True)
-class Hook:
-    path: str
-    args: tuple[str, ...]
-    env: tuple[str, ...]
-    timeout: int | None
-
-    def to_dict(self) -> dict:
-        return {"path": self.path, "args": list(self.args), "env": list(self.env), "timeout": self.timeout}
+class Hook(namedtuple("Hook", "path args env timeout")):
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class Spec:
+class Spec(namedtuple("Spec", "raw root_path root_readonly process hostname domainname mounts hooks annotations "
+                              "namespaces uid_mappings gid_mappings devices cgroups_path resources rootfs_propagation "
+                              "seccomp masked_paths readonly_paths sysctl personality")):
     """A validated config.json. `raw` is the JSON as read, kept for the state directory and `exec`."""
 
-    raw: dict
-    root_path: str  # absolute, resolved against the bundle
-    root_readonly: bool
-    process: Process | None
-    hostname: str | None
-    domainname: str | None
-    mounts: tuple[Mount, ...]
-    hooks: dict[str, tuple[Hook, ...]]
-    annotations: dict[str, str]
-    namespaces: tuple[Namespace, ...]
-    uid_mappings: tuple[IdMapping, ...]
-    gid_mappings: tuple[IdMapping, ...]
-    devices: tuple[Device, ...]
-    cgroups_path: str | None
-    resources: Any  # cgroups.Resources
-    rootfs_propagation: int
-    seccomp: Any  # seccomp.SeccompProfile | None
-    masked_paths: tuple[str, ...]
-    readonly_paths: tuple[str, ...]
-    sysctl: dict[str, str]
-    personality: int | None = None
-    extra: dict = field(default_factory=dict)
+    __slots__ = ()
 
     def namespace(self, ns_type: str) -> Namespace | None:
         for ns in self.namespaces:

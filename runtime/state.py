@@ -31,20 +31,21 @@ def now_rfc3339() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def process_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (clock ticks since boot), or None if the process is gone or a zombie."""
+def process_start_time(pid: int, *, zombies: bool = False) -> int | None:
+    """Field 22 of /proc/PID/stat (clock ticks since boot), or None if the process is gone (or a zombie, unless
+    `zombies`: a zombie's start time tells whether it is still the process a pid was given to, before reaping it)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
     fields = data[data.rindex(b")") + 2:].split()
-    if fields[0] in (b"Z", b"X"):
+    if fields[0] in (b"Z", b"X") and not zombies:
         return None
     return int(fields[19])
 
 
-def process_exiting(pid: int, start_time: int | None) -> bool | None:
+def process_exiting(pid: int, start_time: int | None) -> bool:
     """True if the process is gone or exiting (PF_EXITING), False if it still runs, for the process that started
     at `start_time`."""
     try:

@@ -1,0 +1,53 @@
+"""`python -m coldbrew.bench startup [--runs N] [--warmup W] [--json FILE]`: benchmarks beside the peers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .report import render_table
+from .startup import RUNC, BenchError, coldbrew_binary, default_peers, run_startup
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m coldbrew.bench", description="coldbrew's benchmarks, beside peers.")
+    benches = p.add_subparsers(dest="bench", required=True)
+    s = benches.add_parser("startup", help="start-up of a /bin/true container: runc, coldbrew's CLI, in-process")
+    s.add_argument("--runs", type=int, default=50, help="measured rounds (each peer once a round); default 50")
+    s.add_argument("--warmup", type=int, default=3, help="rounds run first and not recorded; default 3")
+    s.add_argument("--json", metavar="FILE", help="also write every row, with its samples, to FILE")
+    s.add_argument("--runc", default=RUNC, help=f"the runc binary (default {RUNC})")
+    s.add_argument("--coldbrew", default=None, help=f"the coldbrew console script (default {coldbrew_binary()})")
+    s.add_argument("--floors", action="store_true",
+                   help="also time a bare `python -I -S -c pass` and `coldbrew --version`")
+    s.add_argument("--seed", type=int, default=None, help="seed of the per-round shuffle (default: random)")
+    s.add_argument("--gap-ms", type=float, default=0.0,
+                   help="idle milliseconds before each sample, so that every start is an isolated one (default 0)")
+    s.add_argument("--workdir", default="/run", help="where bundles and state roots go (default /run)")
+    return p
+
+
+def _progress(done: int, total: int) -> None:
+    sys.stderr.write(f"\rround {done}/{total}")
+    if done == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        peers = default_peers(runc=args.runc, coldbrew=args.coldbrew, floors=args.floors)
+        result = run_startup(args.runs, args.warmup, peers=peers, workdir_parent=args.workdir, seed=args.seed,
+                             gap=args.gap_ms / 1000, progress=_progress if sys.stderr.isatty() else None)
+    except BenchError as e:
+        sys.stderr.write(f"coldbrew bench: {e}\n")
+        return 1
+    sys.stdout.write(render_table(result))
+    if args.json:
+        result.write_json(args.json)
+    return 1 if result.leftovers else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
