@@ -146,7 +146,7 @@ def _run(args: Namespace) -> int:
             return 0
         _forward_signals(container.pid)
         container.start()
-        code = container.wait()
+        code = container.wait(keep=args.keep)
         return 0 if code is None else code
     finally:
         if not args.detach and not args.keep:
@@ -184,12 +184,18 @@ def _kill(args: Namespace) -> int:
 
 def _delete(args: Namespace) -> int:
     from .errors import ContainerNotFound
+    from .state import StateDir
 
     try:
         container = _runtime(args).get(args.id)
     except ContainerNotFound:
         if args.force:
-            return 0  # runc: delete --force of a missing container is not an error
+            # runc: --force of a missing container is no error; a create killed half-way leaves a directory
+            # without state.json, which would block the id for good
+            leftover = StateDir(args.root, args.id)
+            if leftover.exists():
+                leftover.remove()
+            return 0
         raise
     container.delete(force=args.force)
     return 0
@@ -380,6 +386,7 @@ def _print_json(value: Any, indent: int | None = None) -> None:
 
 
 def _log_error(args: Namespace, message: str) -> None:
+    message = message.replace("\n", "\\n")  # one error, one line: clients read the last line
     sys.stderr.write(f"coldbrew: {message}\n")
     if not args.log:
         return

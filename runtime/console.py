@@ -5,9 +5,10 @@ from __future__ import annotations
 import array
 import fcntl
 import os
-import socket
 import struct
 import termios
+
+import _socket  # the C core: the `socket` wrapper module costs ~3 ms of every start to import
 
 from . import libc
 from .errors import RuntimeFailure
@@ -18,7 +19,7 @@ _TIOCGPTN = 0x80045430
 
 def connect(path: str) -> int:
     """Connect to the console socket now, in the host's view, so the container's init can use it later."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.connect(path)
     except OSError as e:
@@ -55,17 +56,17 @@ def make_controlling(fd: int) -> None:
 
 def send_fd(sock_fd: int, fd: int, name: str = "coldbrew-console") -> None:
     """One SCM_RIGHTS message carrying exactly the pty master; the data part is a short name (as runc sends)."""
-    sock = socket.socket(fileno=sock_fd)
+    sock = _socket.socket(fileno=sock_fd)
     try:
-        sock.sendmsg([name.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+        sock.sendmsg([name.encode()], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", [fd]))])
     finally:
         sock.detach()
 
 
-def recv_fd(sock: socket.socket) -> int:
+def recv_fd(sock: _socket.socket) -> int:
     """The receiving side of :func:`send_fd`, for clients of the in-process API and tests."""
-    _, ancillary, _, _ = sock.recvmsg(256, socket.CMSG_SPACE(struct.calcsize("i")))
+    _, ancillary, _, _ = sock.recvmsg(256, _socket.CMSG_SPACE(struct.calcsize("i")))
     for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
             return struct.unpack("i", data[: struct.calcsize("i")])[0]
     raise RuntimeFailure("console socket: no file descriptor received")

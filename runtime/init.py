@@ -6,7 +6,8 @@ and exits. Parent and child talk over a SOCK_SEQPACKET socketpair, one small JSO
 
     child  -> parent        parent -> child
     ----------------        ----------------
-                            {"go"}                   after the parent put the child in its cgroup
+                            {"go"}                   the parent put the child in its cgroup (sent at once,
+                                                     while the child sets up namespaces; awaited before fork)
     {"usermap"}             {"ok"}                   new user namespace: the parent writes uid_map/gid_map
     {"pid": N}                                       stage 2's pid as the host sees it
     {"hooks"}               {"ok"}                   prestart + createRuntime hooks, run by the parent
@@ -22,9 +23,12 @@ import ctypes
 import json
 import os
 import resource
-import socket
-from dataclasses import dataclass, field
-from typing import NoReturn
+
+import _socket  # the C core: the `socket` wrapper module costs ~3 ms of every start to import
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 from . import console, exec_shim, libc, rootfs
 from .capabilities import ALL as _ALL_CAP_NAMES, Capabilities
@@ -36,44 +40,69 @@ from .spec import NAMESPACE_PROC_NAMES, Process, Spec
 _MSG_MAX = 65536
 
 
-@dataclass
 class InitPlan:
     """Everything the child needs, prepared by the parent before fork (so the child computes nothing heavy)."""
 
-    spec: Spec
-    process: Process
-    state: dict  # OCI state for hooks run by the child
-    cgroup_paths: dict[str, str] = field(default_factory=dict)
-    state_dirfd: int | None = None  # create only: the state directory, for exec.fifo
-    console_fd: int | None = None  # a connected console socket, when process.terminal
-    seccomp_program: bytes | None = None
-    seccomp_flags: int = 0
-    shim_fd: int | None = None
-    no_pivot: bool = False
-    preserve_fds: int = 0
-    join_pid: int | None = None  # exec only: the container's init, whose namespaces we enter
-    stdio: tuple[int, int, int] | None = None  # the process's stdin, stdout, stderr; None: inherit ours
+    __slots__ = ("spec", "process", "state", "cgroup_paths", "state_dirfd", "console_fd", "seccomp_program",
+                 "seccomp_flags", "shim_fd", "no_pivot", "preserve_fds", "join_pid", "stdio")
+
+    def __init__(self, spec: Spec, process: Process, state: dict, *, cgroup_paths: dict[str, str] | None = None,
+                 state_dirfd: int | None = None, console_fd: int | None = None,
+                 seccomp_program: bytes | None = None, seccomp_flags: int = 0, shim_fd: int | None = None,
+                 no_pivot: bool = False, preserve_fds: int = 0, join_pid: int | None = None,
+                 stdio: tuple[int, int, int] | None = None) -> None:
+        self.spec = spec
+        self.process = process
+        self.state = state  # OCI state for hooks run by the child
+        self.cgroup_paths = cgroup_paths or {}
+        self.state_dirfd = state_dirfd  # create only: the state directory, for exec.fifo
+        self.console_fd = console_fd  # a connected console socket, when process.terminal
+        self.seccomp_program = seccomp_program
+        self.seccomp_flags = seccomp_flags
+        self.shim_fd = shim_fd
+        self.no_pivot = no_pivot
+        self.preserve_fds = preserve_fds
+        self.join_pid = join_pid  # exec only: the container's init, whose namespaces we enter
+        self.stdio = stdio  # the process's stdin, stdout, stderr; None: inherit ours
 
 
-def send(sock: socket.socket, message: dict) -> None:
+def send(sock: _socket.socket, message: dict) -> None:
     sock.send(json.dumps(message).encode())
 
 
-def recv(sock: socket.socket) -> dict | None:
+def recv(sock: _socket.socket) -> dict | None:
     data = sock.recv(_MSG_MAX)
     return json.loads(data) if data else None
 
 
-def child_main(plan: InitPlan, sock: socket.socket) -> NoReturn:
+_go_received = False  # in the child: the parent's {"go"} may arrive while another answer is awaited
+
+
+def _await(sock: _socket.socket, key: str) -> None:
+    """Block until the parent sends {key: true}. {"go"} comes as soon as the parent has put us in our cgroup, which
+    it does while we set up namespaces: it may come before (or after) the answer we wait for."""
+    global _go_received
+    if key == "go" and _go_received:
+        return
+    while True:
+        message = recv(sock)
+        if message == {"go": True}:
+            _go_received = True
+            if key == "go":
+                return
+        elif message == {key: True}:
+            return
+        else:
+            os._exit(1)  # the parent is gone or confused: it reports the failure itself
+
+
+def child_main(plan: InitPlan, sock: _socket.socket) -> NoReturn:
     """Entry point in the forked child. Never returns: it execs the container's program or exits."""
     code = 1
     try:
         libc.prctl(libc.PR_SET_DUMPABLE, 0)  # the container may not open /proc/<us>/exe or ptrace us
         with open("/proc/self/comm", "w") as f:  # inherited by stage 2: the parent finds it by this name
             f.write(stray_name(os.getpid()))
-        message = recv(sock)
-        if message != {"go": True}:
-            os._exit(1)
         if plan.stdio is not None:
             for target, fd in enumerate(plan.stdio):
                 os.dup2(fd, target)
@@ -110,7 +139,7 @@ class _ExecFailed(Exception):
 
 # ---- create ----------------------------------------------------------------------------------------------------
 
-def _stage1_create(plan: InitPlan, sock: socket.socket) -> None:
+def _stage1_create(plan: InitPlan, sock: _socket.socket) -> None:
     spec = plan.spec
     for ns in spec.namespaces:  # join by path first: the user namespace before the rest
         if ns.path and ns.type == "user":
@@ -123,16 +152,19 @@ def _stage1_create(plan: InitPlan, sock: socket.socket) -> None:
     if new_user:
         libc.unshare(libc.CLONE_NEWUSER)
         send(sock, {"usermap": True})
-        if recv(sock) != {"ok": True}:
-            os._exit(1)
+        _await(sock, "ok")
         os.setresgid(0, 0, 0)
         os.setresuid(0, 0, 0)
     flags = 0
     for ns in spec.namespaces:
         if ns.path is None and ns.type != "user":
             flags |= ns.flag
-    if flags:
-        libc.unshare(flags)
+    if flags & ~libc.CLONE_NEWCGROUP:
+        libc.unshare(flags & ~libc.CLONE_NEWCGROUP)
+    # The cgroup namespace is rooted at our cgroup, and stage 2 inherits it at fork: both wait for "go"
+    _await(sock, "go")
+    if flags & libc.CLONE_NEWCGROUP:
+        libc.unshare(libc.CLONE_NEWCGROUP)
     if flags & libc.CLONE_NEWPID:
         _fork_stage2(sock)
     else:
@@ -140,7 +172,7 @@ def _stage1_create(plan: InitPlan, sock: socket.socket) -> None:
     _stage2_create(plan, sock, in_user_ns=new_user or bool(user_ns))
 
 
-def _stage2_create(plan: InitPlan, sock: socket.socket, *, in_user_ns: bool) -> None:
+def _stage2_create(plan: InitPlan, sock: _socket.socket, *, in_user_ns: bool) -> None:
     spec, process = plan.spec, plan.process
     os.setsid()
     if spec.hooks["createContainer"] or spec.hooks["startContainer"]:
@@ -149,8 +181,7 @@ def _stage2_create(plan: InitPlan, sock: socket.socket, *, in_user_ns: bool) -> 
                             new_cgroupns=any(ns.type == "cgroup" and ns.path is None for ns in spec.namespaces),
                             in_user_ns=in_user_ns)
     send(sock, {"hooks": True})  # prestart and createRuntime run in the runtime's namespaces
-    if recv(sock) != {"ok": True}:
-        os._exit(1)
+    _await(sock, "ok")
     if spec.hooks["createContainer"]:
         from .hooks import run_hooks
 
@@ -161,7 +192,7 @@ def _stage2_create(plan: InitPlan, sock: socket.socket, *, in_user_ns: bool) -> 
         bring_up_loopback()
     rootfs.finalize(spec)
     if spec.hostname is not None:
-        socket.sethostname(spec.hostname)
+        _socket.sethostname(spec.hostname)
     if spec.domainname is not None:
         libc.setdomainname(spec.domainname)
     if process.terminal:
@@ -187,7 +218,7 @@ def _stage2_create(plan: InitPlan, sock: socket.socket, *, in_user_ns: bool) -> 
 
 # ---- exec ------------------------------------------------------------------------------------------------------
 
-def _stage1_exec(plan: InitPlan, sock: socket.socket) -> None:
+def _stage1_exec(plan: InitPlan, sock: _socket.socket) -> None:
     """Enter the namespaces of the running container's init, then fork into its pid namespace."""
     fds = []
     try:
@@ -202,6 +233,7 @@ def _stage1_exec(plan: InitPlan, sock: socket.socket) -> None:
     finally:
         for _, fd in fds:
             os.close(fd)
+    _await(sock, "go")  # in the container's cgroup before anything runs or forks
     if plan.spec.namespace("pid"):
         _fork_stage2(sock)
     else:
@@ -217,7 +249,7 @@ def _stage1_exec(plan: InitPlan, sock: socket.socket) -> None:
 
 # ---- both ------------------------------------------------------------------------------------------------------
 
-def _fork_stage2(sock: socket.socket) -> None:
+def _fork_stage2(sock: _socket.socket) -> None:
     """Fork into the new pid namespace: stage 1 reports stage 2's pid and exits; stage 2 returns.
 
     Both write to the same socket, and the parent takes the first {"ready"} as the end: stage 2 must not say
@@ -260,7 +292,7 @@ def _setup_terminal(plan: InitPlan, *, spec_console: bool) -> None:
     os.close(plan.console_fd)
 
 
-def _prepare_process(plan: InitPlan, sock: socket.socket) -> str:
+def _prepare_process(plan: InitPlan, sock: _socket.socket) -> str:
     """rlimits, user, capabilities, umask, cwd; returns the program's path as the container resolves it."""
     process = plan.process
     for limit in process.rlimits:
@@ -318,7 +350,7 @@ def _rlim(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def _close_host_fds(plan: InitPlan, sock: socket.socket) -> None:
+def _close_host_fds(plan: InitPlan, sock: _socket.socket) -> None:
     keep = {plan.shim_fd, plan.state_dirfd, sock.fileno()}
     first = 3 + plan.preserve_fds
     for name in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else ():

@@ -13,7 +13,10 @@ import errno
 import os
 import stat
 from contextlib import contextmanager
-from typing import Iterator
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Iterator
 
 from . import libc
 from .errors import RuntimeFailure, SyscallError
@@ -348,6 +351,7 @@ def finalize(spec: Spec) -> None:
     if spec.sysctl or spec.readonly_paths or spec.masked_paths:
         _check_proc()
     for key, value in spec.sysctl.items():
+        _check_namespaced(spec, key)
         try:
             with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
                 f.write(value)
@@ -359,6 +363,26 @@ def finalize(spec: Spec) -> None:
         _mask(path)
     if spec.root_readonly:
         _remount("/", libc.MS_RDONLY)
+
+
+# The sysctls a namespace of the container's owns (runc's validator); writing any other would change the host's.
+_IPC_SYSCTLS = frozenset({"kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel.sem", "kernel.shmall",
+                          "kernel.shmmax", "kernel.shmmni", "kernel.shm_rmid_forced"})
+
+
+def _check_namespaced(spec: Spec, key: str) -> None:
+    name = key.replace("/", ".")
+    if name in _IPC_SYSCTLS or name.startswith("fs.mqueue."):
+        needed = "ipc"
+    elif name.startswith("net."):
+        needed = "network"
+    elif name in ("kernel.hostname", "kernel.domainname"):
+        needed = "uts"
+    else:
+        raise RootfsError(f"linux.sysctl.{key}: not a namespaced sysctl: setting it would change the host's")
+    if spec.namespace(needed) is None:
+        raise RootfsError(f"linux.sysctl.{key}: needs a {needed} namespace of the container's own, or it would "
+                          "change the host's")
 
 
 def _check_proc() -> None:

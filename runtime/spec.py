@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from collections import namedtuple  # records without dataclasses: importing those costs ~10 ms per start
 
 TYPE_CHECKING = False
@@ -95,6 +96,10 @@ def _str(value: Any, path: str, *, optional: bool = False, default: str = "") ->
         raise SpecError(path, f"must be a string, got {_kind(value)}")
     if "\0" in value:
         raise SpecError(path, "must not contain a NUL byte")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise SpecError(path, "is not valid UTF-8 (a lone surrogate)") from None
     return value
 
 
@@ -321,14 +326,22 @@ def load_bundle(bundle: str) -> Spec:
     """Read and validate `bundle`/config.json."""
     config_path = os.path.join(bundle, "config.json")
     try:
-        with open(config_path, "rb") as f:
-            raw = json.load(f)
+        # O_NONBLOCK: a FIFO planted as config.json must not hang the runtime; it is refused below
+        fd = os.open(config_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise SpecError("", f"{config_path} does not exist") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise SpecError("", f"{config_path} is not valid JSON: {e}") from None
-    except IsADirectoryError:
-        raise SpecError("", f"{config_path} is a directory") from None
+        raise SpecError("", f"{config_path!r} does not exist") from None
+    except OSError as e:
+        raise SpecError("", f"{config_path!r}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SpecError("", f"{config_path!r} is not a regular file")
+    with open(fd, "rb") as f:
+        try:
+            raw = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SpecError("", f"{config_path!r} is not valid JSON: {e}") from None
+        except RecursionError:
+            raise SpecError("", f"{config_path!r} nests too deeply") from None
     return parse(raw, bundle)
 
 
@@ -343,7 +356,7 @@ def parse(raw: Any, bundle: str) -> Spec:
         raise SpecError("root.path", "must not be empty")
     root_path = os.path.normpath(os.path.join(os.path.abspath(bundle), root_path))
     if not os.path.isdir(root_path):
-        raise SpecError("root.path", f"{root_path} is not a directory")
+        raise SpecError("root.path", f"{root_path!r} is not a directory")
 
     process = Process.from_spec(raw["process"]) if raw.get("process") is not None else None
     hostname = _str(raw.get("hostname"), "hostname", optional=True, default=None)

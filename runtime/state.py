@@ -10,9 +10,12 @@ import fcntl
 import json
 import os
 import re
+import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
-from typing import Iterator
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Iterator
 
 from .errors import ContainerNotFound, RuntimeFailure
 
@@ -28,7 +31,9 @@ def validate_id(container_id: str) -> None:
 
 
 def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # time, not datetime: one import less on every start
+    ns = time.time_ns()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 10**9)) + f".{ns % 10**9:09d}Z"
 
 
 def process_start_time(pid: int, *, zombies: bool = False) -> int | None:

@@ -8,7 +8,6 @@ back ends do their own conversions. Following runc, a zero in a field whose unit
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 from ..errors import SpecError
@@ -25,11 +24,8 @@ _PAGE_SIZE = r"^[1-9]\d*[KMG]B$"
 class _Record:
     """An immutable record: annotated fields, defaults as class attributes.
 
-    The subclasses are dataclasses with code generation turned off (`_record`), so `dataclasses.replace`,
-    `fields` and `asdict` work on them, while __init__, __eq__ and __repr__ come from here: a frozen dataclass
-    exec()s generated code for each class at import (8 ms for this module instead of under 1 ms), and this
-    module is imported on every container start. Each subclass has a docstring for the same reason (without
-    one, dataclass builds it with inspect.signature).
+    Not dataclasses: importing that module and exec()ing generated code for each class costs ~10 ms, and this
+    module is imported on every container start.
     """
 
     _fields: tuple[str, ...] = ()
@@ -67,11 +63,13 @@ class _Record:
         fields = ", ".join(f"{key}={getattr(self, key)!r}" for key in self._fields)
         return f"{type(self).__name__}({fields})"
 
+    def replace(self, **changes: object) -> "_Record":
+        """A copy with some fields changed."""
+        values = {key: getattr(self, key) for key in self._fields}
+        values.update(changes)  # an unknown field is refused by __init__
+        return type(self)(**values)
 
-_record = dataclasses.dataclass(init=False, repr=False, eq=False)
 
-
-@_record
 class Memory(_Record):
     """linux.resources.memory."""
 
@@ -86,7 +84,6 @@ class Memory(_Record):
     # the v1 knob no longer takes writes on current kernels, and v2 counts kernel memory in memory.max anyway.
 
 
-@_record
 class Cpu(_Record):
     """linux.resources.cpu."""
 
@@ -101,7 +98,6 @@ class Cpu(_Record):
     idle: int | None = None           # 0 or 1
 
 
-@_record
 class DeviceRule(_Record):
     """One entry of linux.resources.devices."""
 
@@ -122,7 +118,6 @@ class DeviceRule(_Record):
         return f"{type_ or self.type} {major}:{minor} {self.access}"
 
 
-@_record
 class WeightDevice(_Record):
     """One entry of linux.resources.blockIO.weightDevice."""
 
@@ -132,7 +127,6 @@ class WeightDevice(_Record):
     leaf_weight: int | None = None
 
 
-@_record
 class ThrottleDevice(_Record):
     """One entry of a linux.resources.blockIO.throttle*Device list."""
 
@@ -141,7 +135,6 @@ class ThrottleDevice(_Record):
     rate: int
 
 
-@_record
 class BlockIO(_Record):
     """linux.resources.blockIO."""
 
@@ -154,7 +147,6 @@ class BlockIO(_Record):
     throttle_write_iops: tuple[ThrottleDevice, ...] = ()
 
 
-@_record
 class HugepageLimit(_Record):
     """One entry of linux.resources.hugepageLimits."""
 
@@ -162,7 +154,6 @@ class HugepageLimit(_Record):
     limit: int
 
 
-@_record
 class Network(_Record):
     """linux.resources.network (net_cls / net_prio, cgroup v1 only)."""
 
@@ -170,7 +161,6 @@ class Network(_Record):
     priorities: tuple[tuple[str, int], ...] = ()
 
 
-@_record
 class RdmaLimit(_Record):
     """One entry of linux.resources.rdma, keyed by device."""
 
@@ -187,7 +177,6 @@ class RdmaLimit(_Record):
         return " ".join(parts)
 
 
-@_record
 class Resources(_Record):
     """linux.resources, validated."""
 
