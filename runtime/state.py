@@ -36,30 +36,29 @@ def now_rfc3339() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 10**9)) + f".{ns % 10**9:09d}Z"
 
 
-def process_start_time(pid: int, *, zombies: bool = False) -> int | None:
-    """Field 22 of /proc/PID/stat (clock ticks since boot), or None if the process is gone (or a zombie, unless
-    `zombies`: a zombie's start time tells whether it is still the process a pid was given to, before reaping it)."""
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """/proc/PID/stat from field 3 (state) on, or None if there is no such process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    fields = data[data.rindex(b")") + 2:].split()
-    if fields[0] in (b"Z", b"X") and not zombies:
+    return data[data.rindex(b")") + 2:].split()
+
+
+def process_start_time(pid: int, *, zombies: bool = False) -> int | None:
+    """Field 22 of /proc/PID/stat (clock ticks since boot), or None if the process is gone (or a zombie, unless
+    `zombies`: a zombie's start time tells whether it is still the process a pid was given to, before reaping it)."""
+    fields = _stat_fields(pid)
+    if fields is None or (fields[0] in (b"Z", b"X") and not zombies):
         return None
     return int(fields[19])
 
 
 def process_exiting(pid: int, start_time: int | None) -> bool:
-    """True if the process is gone or exiting (PF_EXITING), False if it still runs, for the process that started
-    at `start_time`."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    fields = data[data.rindex(b")") + 2:].split()
-    if fields[0] in (b"Z", b"X") or int(fields[19]) != start_time:
+    """True if the process that started at `start_time` is gone or exiting (PF_EXITING), False if it still runs."""
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] in (b"Z", b"X") or int(fields[19]) != start_time:
         return True
     return bool(int(fields[6]) & _PF_EXITING)
 
