@@ -10,7 +10,7 @@ and exits. Parent and child talk over a SOCK_SEQPACKET socketpair, one small JSO
                                                      while the child sets up namespaces; awaited before fork)
     {"usermap"}             {"ok"}                   new user namespace: the parent writes uid_map/gid_map
     {"pid": N}                                       stage 2's pid as the host sees it
-    {"hooks"}               {"ok"}                   prestart + createRuntime hooks, run by the parent
+    {"hooks"}               {"ok"}                   prestart + createRuntime hooks (if any), run by the parent
     {"ready"}                                        created: init now blocks opening exec.fifo until `start`
     {"error": "..."}                                 any failure, then the child exits
 
@@ -180,8 +180,9 @@ def _stage2_create(plan: InitPlan, sock: _socket.socket, *, in_user_ns: bool) ->
     rootfd = rootfs.prepare(spec, cgroup_paths=plan.cgroup_paths,
                             new_cgroupns=any(ns.type == "cgroup" and ns.path is None for ns in spec.namespaces),
                             in_user_ns=in_user_ns)
-    send(sock, {"hooks": True})  # prestart and createRuntime run in the runtime's namespaces
-    _await(sock, "ok")
+    if spec.hooks["prestart"] or spec.hooks["createRuntime"]:
+        send(sock, {"hooks": True})  # they run in the runtime's namespaces, so the parent runs them
+        _await(sock, "ok")
     if spec.hooks["createContainer"]:
         from .hooks import run_hooks
 
@@ -253,7 +254,7 @@ def _fork_stage2(sock: _socket.socket) -> None:
     """Fork into the new pid namespace: stage 1 reports stage 2's pid and exits; stage 2 returns.
 
     Both write to the same socket, and the parent takes the first {"ready"} as the end: stage 2 must not say
-    anything before the pid is sent, so it waits for the pipe to close (stage 1's exit closes it).
+    anything before the pid is sent, so it waits for stage 1 to close the pipe.
     """
     sent_r, sent_w = os.pipe()
     try:
@@ -262,6 +263,7 @@ def _fork_stage2(sock: _socket.socket) -> None:
         raise RuntimeFailure(f"fork of the container's init: {e.strerror} (a pids limit too low?)") from None
     if pid:
         send(sock, {"pid": pid})
+        os.close(sent_w)  # stage 2 may speak now, without waiting for our exit
         os._exit(0)
     os.close(sent_w)
     os.read(sent_r, 1)

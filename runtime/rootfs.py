@@ -250,22 +250,24 @@ def _mount_cgroups(rootfd: int, mount: Mount, cgroup_paths: dict[str, str], new_
                 with _reopened(rootfd, mount.destination) as mounted:
                     _remount(mounted, mount.flags, mount.clear_flags)
             return
-        # v1: a tmpfs with one directory per hierarchy, each a bind of the container's own cgroup there
+        # v1: a tmpfs with one directory per hierarchy, each a bind of the container's own cgroup there; then the
+        # spec's flags (ro, nosuid, ...) on the whole tree in one mount_setattr instead of a remount per hierarchy
         libc.mount("tmpfs", target, "tmpfs", flags, "mode=755")
         for name in sorted(cgroup_paths):
             if name == "unified":
                 continue
-            sub = os.path.join(mount.destination, name)
-            subfd = open_in_root(rootfd, sub, create="dir")
+            subfd = open_in_root(rootfd, os.path.join(mount.destination, name), create="dir")
             try:
                 libc.mount(cgroup_paths[name], fd_path(subfd), None, libc.MS_BIND | libc.MS_REC)
             finally:
                 os.close(subfd)
-            with _reopened(rootfd, sub) as mounted:
-                _remount(mounted, mount.flags, mount.clear_flags)
-        if mount.flags & libc.MS_RDONLY:
-            with _reopened(rootfd, mount.destination) as mounted:
-                libc.mount(None, mounted, None, libc.MS_REMOUNT | flags | libc.MS_RDONLY, "mode=755")
+        attrs = mount.flags & (libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC)
+        if attrs:  # MS_RDONLY..MS_NOEXEC have the values of MOUNT_ATTR_RDONLY..MOUNT_ATTR_NOEXEC
+            treefd = open_in_root(rootfd, mount.destination)
+            try:
+                libc.mount_setattr(treefd, attrs)
+            finally:
+                os.close(treefd)
     except SyscallError as e:
         raise RootfsError(f"mounting cgroups on {mount.destination}: {e.strerror}") from None
     finally:
