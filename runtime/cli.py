@@ -388,14 +388,19 @@ def _print_json(value: Any, indent: int | None = None) -> None:
 def _log_error(args: Namespace, message: str) -> None:
     message = message.replace("\n", "\\n")  # one error, one line: clients read the last line
     sys.stderr.write(f"coldbrew: {message}\n")
+    _log(args, "error", message)
+
+
+def _log(args: Namespace, level: str, message: str) -> None:
+    """A line in --log, in runc's text or JSON format (containerd reads the last error from it)."""
     if not args.log:
         return
     from .state import now_rfc3339
 
     if args.log_format == "json":
-        line = json.dumps({"level": "error", "msg": message, "time": now_rfc3339()})
+        line = json.dumps({"level": level, "msg": message, "time": now_rfc3339()})
     else:
-        line = f'time="{now_rfc3339()}" level=error msg="{message}"'
+        line = f'time="{now_rfc3339()}" level={level} msg="{message}"'
     try:
         with open(args.log, "a") as f:
             f.write(line + "\n")
@@ -426,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
             from .errors import Unsupported
 
             raise Unsupported("--systemd-cgroup is not supported: coldbrew manages cgroupfs directly")
+        if args.debug:
+            _log(args, "debug", f"coldbrew {' '.join(sys.argv[1:] if argv is None else argv)}")
+            if not args.log:
+                sys.stderr.write(f"coldbrew: debug: {args.verb} {getattr(args, 'id', '')}\n")
         return args.handler(args)
     except RuntimeFailure as e:
         _log_error(args, str(e))

@@ -5,6 +5,7 @@ The CLI is a thin layer over this module; nothing here spawns a `coldbrew` proce
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal as signals
@@ -90,7 +91,7 @@ class Runtime:
 
         cgroup = open_cgroup(spec.cgroups_path, container_id)
         resources = _with_default_devices(spec)
-        seccomp = spec.seccomp.compile() if spec.seccomp is not None else None
+        seccomp = _compiled_seccomp(spec)
         try:
             sd.make()
         except FileExistsError:
@@ -169,6 +170,25 @@ def _refuse_host_mount_namespace(spec: Spec) -> None:
             raise SpecError(f"linux.namespaces[{spec.namespaces.index(ns)}].path",
                             f"{ns.path} is the runtime's or the host's mount namespace: the container would "
                             "mount over the host and pivot its root")
+
+
+_SECCOMP_CACHE: dict[str, bytes] = {}
+_SECCOMP_CACHE_SIZE = 16
+
+
+def _compiled_seccomp(spec: Spec) -> bytes | None:
+    """The spec's seccomp filter as BPF. Compiling a Docker-style profile takes ~8 ms of libseccomp, and a
+    scheduler starts many containers with the same profile: keep the last few programs, keyed by the profile."""
+    if spec.seccomp is None:
+        return None
+    key = json.dumps(spec.raw["linux"]["seccomp"], sort_keys=True)
+    program = _SECCOMP_CACHE.pop(key, None)
+    if program is None:
+        program = spec.seccomp.compile()
+        if len(_SECCOMP_CACHE) >= _SECCOMP_CACHE_SIZE:
+            del _SECCOMP_CACHE[next(iter(_SECCOMP_CACHE))]  # the least recently used
+    _SECCOMP_CACHE[key] = program
+    return program
 
 
 def _with_default_devices(spec: Spec) -> Any:
@@ -574,7 +594,7 @@ class Container:
         if process.terminal and not console_socket:
             raise RuntimeFailure("process.terminal is true: a --console-socket is needed to hand over the terminal")
         spec = self.spec()
-        seccomp = spec.seccomp.compile() if spec.seccomp is not None else None
+        seccomp = _compiled_seccomp(spec)
         cgroup = self._cgroup()
         plan = init.InitPlan(spec=spec, process=process, state=self.state(), cgroup_paths=self._record["cgroup"],
                              seccomp_program=seccomp, seccomp_flags=spec.seccomp.flags if spec.seccomp else 0,

@@ -208,5 +208,8 @@ def test_cli_errors_are_json_logged(runtime_root, tmp_path):
     assert result.returncode == 1
     entry = json.loads(log.read_text().splitlines()[-1])
     assert entry["level"] == "error" and "does not exist" in entry["msg"]
+    coldbrew(runtime_root, "--debug", "--log", str(log), "--log-format", "json", "list")
+    entry = json.loads(log.read_text().splitlines()[-1])
+    assert entry["level"] == "debug" and entry["msg"].endswith("list")
     refused = coldbrew(runtime_root, "--systemd-cgroup", "state", "x", check=False)
     assert refused.returncode == 1 and "systemd" in refused.stderr

@@ -208,3 +208,27 @@ def test_exec_missing_program_is_clear(runtime, bundles, cid):
 def test_missing_program_fails_at_create(runtime, bundles, cid):
     with pytest.raises(RuntimeFailure, match="not found in \\$PATH"):
         runtime.create(cid, bundles.make(["no-such-program"]))
+
+
+def test_seccomp_program_is_compiled_once_per_profile(runtime, bundles, cid, tmp_path, monkeypatch):
+    from coldbrew.runtime import seccomp
+
+    compiled = []
+    original = seccomp.SeccompProfile.compile
+
+    def counting(self):
+        compiled.append(self)
+        return original(self)
+
+    monkeypatch.setattr(seccomp.SeccompProfile, "compile", counting)
+
+    def edit(c):
+        c["linux"]["seccomp"] = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+            {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}
+        c["root"]["readonly"] = False
+
+    for n in range(3):
+        code, out = run_capture(runtime, f"{cid}-{n}", bundles.make(["sh", "-c", "mkdir /tmp/y || echo denied"],
+                                                                    edit=edit), tmp_path)
+        assert code == 0 and "denied" in out, out
+    assert len(compiled) <= 1  # compiled once, or not at all if an earlier test left it cached

@@ -1,4 +1,7 @@
-"""Attacks from runc's past escapes (docs/references.md), each against the real runtime: the host must stay untouched."""
+"""Attacks from runc's past escapes (docs/references.md), each against the real runtime.
+
+The host must stay untouched.
+"""
 
 from __future__ import annotations
 
