@@ -19,6 +19,7 @@ import struct
 
 from . import libc
 from .errors import RuntimeFailure, SpecError, SyscallError, Unsupported
+from . import jsonfields
 
 # Action values from libseccomp's seccomp.h (the kernel's SECCOMP_RET_* with the data bits clear).
 _ACTIONS = {
@@ -155,10 +156,11 @@ class SeccompProfile:
         default_action = _action(default_name, data.get("defaultErrnoRet"), f"{path}.defaultAction",
                                  f"{path}.defaultErrnoRet")
 
+        arches = jsonfields.array(data.get("architectures"), f"{path}.architectures")
         architectures = tuple(_choice(name, _ARCHES, f"{path}.architectures[{i}]", "architecture")
-                              for i, name in enumerate(_list(data.get("architectures"), f"{path}.architectures")))
+                              for i, name in enumerate(arches))
         flags = 0
-        for i, name in enumerate(_list(data.get("flags"), f"{path}.flags")):
+        for i, name in enumerate(jsonfields.array(data.get("flags"), f"{path}.flags")):
             flags |= _FLAGS[_choice(name, _FLAGS, f"{path}.flags[{i}]", "flag")]
 
         # listenerPath only matters with SCMP_ACT_NOTIFY (refused below); the spec says it is ignored otherwise.
@@ -173,7 +175,7 @@ class SeccompProfile:
                 raise SpecError(f"{path}.listenerMetadata", "must not be set without listenerPath")
 
         rules = tuple(_rule(entry, i, f"{path}.syscalls[{i}]")
-                      for i, entry in enumerate(_list(data.get("syscalls"), f"{path}.syscalls")))
+                      for i, entry in enumerate(jsonfields.array(data.get("syscalls"), f"{path}.syscalls")))
         enosys_stub = (default_name not in _PERMISSIVE
                        and default_action != _ACTIONS["SCMP_ACT_ERRNO"] | errno.ENOSYS)
         return cls(default_action, architectures, rules, flags, enosys_stub, path)
@@ -331,7 +333,7 @@ def _action(name: object, errno_ret: object, path: str, errno_path: str) -> int:
 def _rule(entry: object, index: int, path: str) -> _Rule:
     if not isinstance(entry, dict):
         raise SpecError(path, "must be an object")
-    names = _list(entry.get("names"), f"{path}.names")
+    names = jsonfields.array(entry.get("names"), f"{path}.names")
     if not names:
         raise SpecError(f"{path}.names", "must list at least one syscall")
     for i, name in enumerate(names):
@@ -342,7 +344,7 @@ def _rule(entry: object, index: int, path: str) -> _Rule:
         raise SpecError(f"{path}.action", "is required")
     action = _action(entry["action"], entry.get("errnoRet"), f"{path}.action", f"{path}.errnoRet")
     args = []
-    for i, arg in enumerate(_list(entry.get("args"), f"{path}.args")):
+    for i, arg in enumerate(jsonfields.array(entry.get("args"), f"{path}.args")):
         where = f"{path}.args[{i}]"
         if not isinstance(arg, dict):
             raise SpecError(where, "must be an object")
@@ -360,14 +362,6 @@ def _rule(entry: object, index: int, path: str) -> _Rule:
 def _choice(value: object, known: dict[str, int] | dict[str, str], path: str, what: str) -> str:
     if not isinstance(value, str) or value not in known:
         raise SpecError(path, f"unknown {what} {value!r}; expected one of {', '.join(known)}")
-    return value
-
-
-def _list(value: object, path: str) -> list:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise SpecError(path, "must be an array")
     return value
 
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 from . import libc
 from .errors import SpecError
+from .jsonfields import abs_path, array, boolean, integer, obj, string, strings
 
 NAMESPACE_FLAGS = {
     "mount": libc.CLONE_NEWNS,
@@ -71,73 +72,6 @@ HOOK_NAMES = ("prestart", "createRuntime", "createContainer", "startContainer", 
 _ENV_ENTRY = re.compile(r"^[^=]+=", re.S)
 
 
-# ---- small typed readers: each names the path of what it rejects ----------------------------------------------
-
-def _obj(value: Any, path: str, *, optional: bool = False) -> dict:
-    if value is None and optional:
-        return {}
-    if not isinstance(value, dict):
-        raise SpecError(path, f"must be an object, got {_kind(value)}")
-    return value
-
-
-def _list(value: Any, path: str, *, optional: bool = True) -> list:
-    if value is None and optional:
-        return []
-    if not isinstance(value, list):
-        raise SpecError(path, f"must be an array, got {_kind(value)}")
-    return value
-
-
-def _str(value: Any, path: str, *, optional: bool = False, default: str = "") -> str:
-    if value is None and optional:
-        return default
-    if not isinstance(value, str):
-        raise SpecError(path, f"must be a string, got {_kind(value)}")
-    if "\0" in value:
-        raise SpecError(path, "must not contain a NUL byte")
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        raise SpecError(path, "is not valid UTF-8 (a lone surrogate)") from None
-    return value
-
-
-def _bool(value: Any, path: str, default: bool = False) -> bool:
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise SpecError(path, f"must be a boolean, got {_kind(value)}")
-    return value
-
-
-def _int(value: Any, path: str, *, optional: bool = False, default: int | None = None,
-         lo: int | None = None, hi: int | None = None) -> int | None:
-    if value is None and optional:
-        return default
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise SpecError(path, f"must be an integer, got {_kind(value)}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise SpecError(path, f"{value} is out of range [{lo}, {hi}]")
-    return value
-
-
-def _strings(value: Any, path: str) -> list[str]:
-    return [_str(item, f"{path}[{i}]") for i, item in enumerate(_list(value, path))]
-
-
-def _abs_path(value: Any, path: str) -> str:
-    text = _str(value, path)
-    if not text.startswith("/"):
-        raise SpecError(path, f"{text!r} must be an absolute path")
-    return text
-
-
-def _kind(value: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
-            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
-
-
 # ---- the typed spec --------------------------------------------------------------------------------------------
 
 class IdMapping(namedtuple("IdMapping", "container_id host_id size")):
@@ -146,12 +80,12 @@ class IdMapping(namedtuple("IdMapping", "container_id host_id size")):
     @classmethod
     def parse_all(cls, value: Any, path: str) -> tuple["IdMapping", ...]:
         result = []
-        for i, item in enumerate(_list(value, path)):
+        for i, item in enumerate(array(value, path)):
             p = f"{path}[{i}]"
-            item = _obj(item, p)
-            result.append(cls(_int(item.get("containerID"), f"{p}.containerID", lo=0, hi=2**32 - 1),
-                              _int(item.get("hostID"), f"{p}.hostID", lo=0, hi=2**32 - 1),
-                              _int(item.get("size"), f"{p}.size", lo=1, hi=2**32 - 1)))
+            item = obj(item, p)
+            result.append(cls(integer(item.get("containerID"), f"{p}.containerID", lo=0, hi=2**32 - 1),
+                              integer(item.get("hostID"), f"{p}.hostID", lo=0, hi=2**32 - 1),
+                              integer(item.get("size"), f"{p}.size", lo=1, hi=2**32 - 1)))
         return tuple(result)
 
 
@@ -171,39 +105,39 @@ class Process(namedtuple("Process", "args env cwd terminal console_size user cap
 
     @classmethod
     def from_spec(cls, data: Any, path: str = "process") -> "Process":
-        data = _obj(data, path)
-        args = _strings(data.get("args"), f"{path}.args")
+        data = obj(data, path)
+        args = strings(data.get("args"), f"{path}.args")
         if not args:
             raise SpecError(f"{path}.args", "must name the program to run")
-        env = _strings(data.get("env"), f"{path}.env")
+        env = strings(data.get("env"), f"{path}.env")
         for i, entry in enumerate(env):
             if not _ENV_ENTRY.match(entry):
                 raise SpecError(f"{path}.env[{i}]", f"{entry!r} is not of the form KEY=value")
-        cwd = _abs_path(data.get("cwd", "/"), f"{path}.cwd")
+        cwd = abs_path(data.get("cwd", "/"), f"{path}.cwd")
         console = None
         if data.get("consoleSize") is not None:
-            cs = _obj(data["consoleSize"], f"{path}.consoleSize")
-            console = (_int(cs.get("height"), f"{path}.consoleSize.height", lo=0, hi=65535),
-                       _int(cs.get("width"), f"{path}.consoleSize.width", lo=0, hi=65535))
-        user = _obj(data.get("user"), f"{path}.user", optional=True)
-        umask = _int(user.get("umask"), f"{path}.user.umask", optional=True, lo=0, hi=0o777)
-        gids = tuple(_int(g, f"{path}.user.additionalGids[{i}]", lo=0, hi=2**32 - 2)
-                     for i, g in enumerate(_list(user.get("additionalGids"), f"{path}.user.additionalGids")))
+            cs = obj(data["consoleSize"], f"{path}.consoleSize")
+            console = (integer(cs.get("height"), f"{path}.consoleSize.height", lo=0, hi=65535),
+                       integer(cs.get("width"), f"{path}.consoleSize.width", lo=0, hi=65535))
+        user = obj(data.get("user"), f"{path}.user", optional=True)
+        umask = integer(user.get("umask"), f"{path}.user.umask", optional=True, lo=0, hi=0o777)
+        gids = tuple(integer(g, f"{path}.user.additionalGids[{i}]", lo=0, hi=2**32 - 2)
+                     for i, g in enumerate(array(user.get("additionalGids"), f"{path}.user.additionalGids")))
         if user.get("username") is not None:
-            _str(user["username"], f"{path}.user.username")  # Windows-only field: validated, not used
+            string(user["username"], f"{path}.user.username")  # Windows-only field: validated, not used
         rlimits = []
         seen = set()
-        for i, item in enumerate(_list(data.get("rlimits"), f"{path}.rlimits")):
+        for i, item in enumerate(array(data.get("rlimits"), f"{path}.rlimits")):
             p = f"{path}.rlimits[{i}]"
-            item = _obj(item, p)
-            name = _str(item.get("type"), f"{p}.type")
+            item = obj(item, p)
+            name = string(item.get("type"), f"{p}.type")
             if name not in RLIMITS:
                 raise SpecError(f"{p}.type", f"unknown rlimit {name!r}")
             if name in seen:
                 raise SpecError(f"{p}.type", f"{name} is given twice")
             seen.add(name)
-            soft = _int(item.get("soft"), f"{p}.soft", lo=0, hi=2**64 - 1)
-            hard = _int(item.get("hard"), f"{p}.hard", lo=0, hi=2**64 - 1)
+            soft = integer(item.get("soft"), f"{p}.soft", lo=0, hi=2**64 - 1)
+            hard = integer(item.get("hard"), f"{p}.hard", lo=0, hi=2**64 - 1)
             if soft > hard:
                 raise SpecError(f"{p}.soft", f"soft limit {soft} is above the hard limit {hard}")
             rlimits.append(Rlimit(RLIMITS[name], name, soft, hard))
@@ -216,15 +150,15 @@ class Process(namedtuple("Process", "args env cwd terminal console_size user cap
 
         return cls(
             args=tuple(args), env=tuple(env), cwd=cwd,
-            terminal=_bool(data.get("terminal"), f"{path}.terminal"),
+            terminal=boolean(data.get("terminal"), f"{path}.terminal"),
             console_size=console,
-            user=User(_int(user.get("uid", 0), f"{path}.user.uid", lo=0, hi=2**32 - 2),
-                      _int(user.get("gid", 0), f"{path}.user.gid", lo=0, hi=2**32 - 2), umask, gids),
+            user=User(integer(user.get("uid", 0), f"{path}.user.uid", lo=0, hi=2**32 - 2),
+                      integer(user.get("gid", 0), f"{path}.user.gid", lo=0, hi=2**32 - 2), umask, gids),
             capabilities=Capabilities.from_spec(data.get("capabilities"), f"{path}.capabilities"),
             rlimits=tuple(rlimits),
-            no_new_privileges=_bool(data.get("noNewPrivileges"), f"{path}.noNewPrivileges"),
-            oom_score_adj=_int(data.get("oomScoreAdj"), f"{path}.oomScoreAdj", optional=True, lo=-1000, hi=1000),
-            apparmor_profile=_str(data.get("apparmorProfile"), f"{path}.apparmorProfile", optional=True),
+            no_new_privileges=boolean(data.get("noNewPrivileges"), f"{path}.noNewPrivileges"),
+            oom_score_adj=integer(data.get("oomScoreAdj"), f"{path}.oomScoreAdj", optional=True, lo=-1000, hi=1000),
+            apparmor_profile=string(data.get("apparmorProfile"), f"{path}.apparmorProfile", optional=True),
         )
 
 
@@ -237,19 +171,19 @@ class Mount(namedtuple("Mount", "destination type source flags clear_flags propa
 
     @classmethod
     def from_spec(cls, data: Any, path: str) -> "Mount":
-        data = _obj(data, path)
-        destination = _abs_path(data.get("destination"), f"{path}.destination")
+        data = obj(data, path)
+        destination = abs_path(data.get("destination"), f"{path}.destination")
         if ".." in destination.split("/"):
             raise SpecError(f"{path}.destination", f"{destination!r} must not contain '..'")
-        mtype = _str(data.get("type"), f"{path}.type", optional=True)
-        source = _str(data.get("source"), f"{path}.source", optional=True)
+        mtype = string(data.get("type"), f"{path}.type", optional=True)
+        source = string(data.get("source"), f"{path}.source", optional=True)
         for idmap in ("uidMappings", "gidMappings"):
             if data.get(idmap):
                 raise SpecError(f"{path}.{idmap}", "id-mapped mounts are not supported by coldbrew")
         flags = clear = 0
         propagation = []
         extra = []
-        for i, option in enumerate(_strings(data.get("options"), f"{path}.options")):
+        for i, option in enumerate(strings(data.get("options"), f"{path}.options")):
             if option in _MOUNT_FLAGS:
                 off, on = _MOUNT_FLAGS[option]
                 flags = (flags & ~off) | on
@@ -287,21 +221,21 @@ class Device(namedtuple("Device", "path type major minor file_mode uid gid")):
 
     @classmethod
     def from_spec(cls, data: Any, path: str) -> "Device":
-        data = _obj(data, path)
-        dev_path = _abs_path(data.get("path"), f"{path}.path")
+        data = obj(data, path)
+        dev_path = abs_path(data.get("path"), f"{path}.path")
         if ".." in dev_path.split("/"):
             raise SpecError(f"{path}.path", f"{dev_path!r} must not contain '..'")
-        dtype = _str(data.get("type"), f"{path}.type")
+        dtype = string(data.get("type"), f"{path}.type")
         if dtype not in ("c", "b", "u", "p"):
             raise SpecError(f"{path}.type", f"{dtype!r} must be one of c, b, u, p")
         major = minor = 0
         if dtype != "p":
-            major = _int(data.get("major"), f"{path}.major", lo=0, hi=2**32 - 1)
-            minor = _int(data.get("minor"), f"{path}.minor", lo=0, hi=2**32 - 1)
+            major = integer(data.get("major"), f"{path}.major", lo=0, hi=2**32 - 1)
+            minor = integer(data.get("minor"), f"{path}.minor", lo=0, hi=2**32 - 1)
         return cls(dev_path, dtype, major, minor,
-                   _int(data.get("fileMode"), f"{path}.fileMode", optional=True, default=0o666, lo=0, hi=0o7777),
-                   _int(data.get("uid"), f"{path}.uid", optional=True, default=0, lo=0, hi=2**32 - 2),
-                   _int(data.get("gid"), f"{path}.gid", optional=True, default=0, lo=0, hi=2**32 - 2))
+                   integer(data.get("fileMode"), f"{path}.fileMode", optional=True, default=0o666, lo=0, hi=0o7777),
+                   integer(data.get("uid"), f"{path}.uid", optional=True, default=0, lo=0, hi=2**32 - 2),
+                   integer(data.get("gid"), f"{path}.gid", optional=True, default=0, lo=0, hi=2**32 - 2))
 
 
 class Hook(namedtuple("Hook", "path args env timeout")):
@@ -346,12 +280,12 @@ def load_bundle(bundle: str) -> Spec:
 
 
 def parse(raw: Any, bundle: str) -> Spec:
-    raw = _obj(raw, "(config.json)")
-    version = _str(raw.get("ociVersion"), "ociVersion")
+    raw = obj(raw, "(config.json)")
+    version = string(raw.get("ociVersion"), "ociVersion")
     if not re.match(r"^1\.\d+\.\d+", version):
         raise SpecError("ociVersion", f"{version!r} is not a runtime-spec 1.x version")
-    root = _obj(raw.get("root"), "root")
-    root_path = _str(root.get("path"), "root.path")
+    root = obj(raw.get("root"), "root")
+    root_path = string(root.get("path"), "root.path")
     if not root_path:
         raise SpecError("root.path", "must not be empty")
     root_path = os.path.normpath(os.path.join(os.path.abspath(bundle), root_path))
@@ -359,25 +293,25 @@ def parse(raw: Any, bundle: str) -> Spec:
         raise SpecError("root.path", f"{root_path!r} is not a directory")
 
     process = Process.from_spec(raw["process"]) if raw.get("process") is not None else None
-    hostname = _str(raw.get("hostname"), "hostname", optional=True, default=None)
-    domainname = _str(raw.get("domainname"), "domainname", optional=True, default=None)
+    hostname = string(raw.get("hostname"), "hostname", optional=True, default=None)
+    domainname = string(raw.get("domainname"), "domainname", optional=True, default=None)
     for name, value in (("hostname", hostname), ("domainname", domainname)):
         if value is not None and len(value.encode()) > 64:
             raise SpecError(name, "is longer than 64 bytes")
 
-    mounts = tuple(Mount.from_spec(m, f"mounts[{i}]") for i, m in enumerate(_list(raw.get("mounts"), "mounts")))
+    mounts = tuple(Mount.from_spec(m, f"mounts[{i}]") for i, m in enumerate(array(raw.get("mounts"), "mounts")))
     hooks = _parse_hooks(raw.get("hooks"))
-    annotations = _obj(raw.get("annotations"), "annotations", optional=True)
+    annotations = obj(raw.get("annotations"), "annotations", optional=True)
     for key, value in annotations.items():
-        _str(value, f"annotations.{key}")
+        string(value, f"annotations.{key}")
 
-    linux = _obj(raw.get("linux"), "linux", optional=True)
+    linux = obj(raw.get("linux"), "linux", optional=True)
     namespaces = []
     seen = set()
-    for i, item in enumerate(_list(linux.get("namespaces"), "linux.namespaces")):
+    for i, item in enumerate(array(linux.get("namespaces"), "linux.namespaces")):
         p = f"linux.namespaces[{i}]"
-        item = _obj(item, p)
-        ns_type = _str(item.get("type"), f"{p}.type")
+        item = obj(item, p)
+        ns_type = string(item.get("type"), f"{p}.type")
         if ns_type not in NAMESPACE_FLAGS:
             raise SpecError(f"{p}.type", f"unknown namespace type {ns_type!r}")
         if ns_type == "time":
@@ -387,7 +321,7 @@ def parse(raw: Any, bundle: str) -> Spec:
         seen.add(ns_type)
         ns_path = item.get("path")
         if ns_path is not None:
-            ns_path = _abs_path(ns_path, f"{p}.path")
+            ns_path = abs_path(ns_path, f"{p}.path")
             if not os.path.exists(ns_path):
                 raise SpecError(f"{p}.path", f"{ns_path} does not exist")
         namespaces.append(Namespace(ns_type, ns_path or None))
@@ -402,14 +336,14 @@ def parse(raw: Any, bundle: str) -> Spec:
         raise SpecError("linux.uidMappings", "id mappings are given but no new user namespace is requested")
 
     devices = tuple(Device.from_spec(d, f"linux.devices[{i}]")
-                    for i, d in enumerate(_list(linux.get("devices"), "linux.devices")))
-    cgroups_path = _str(linux.get("cgroupsPath"), "linux.cgroupsPath", optional=True, default=None) or None
+                    for i, d in enumerate(array(linux.get("devices"), "linux.devices")))
+    cgroups_path = string(linux.get("cgroupsPath"), "linux.cgroupsPath", optional=True, default=None) or None
     from .cgroups import Resources
 
     resources = Resources.from_spec(linux.get("resources"), "linux.resources")
     propagation = 0
     if linux.get("rootfsPropagation"):
-        name = _str(linux["rootfsPropagation"], "linux.rootfsPropagation")
+        name = string(linux["rootfsPropagation"], "linux.rootfsPropagation")
         if name not in PROPAGATION_FLAGS:
             raise SpecError("linux.rootfsPropagation", f"unknown propagation {name!r}")
         propagation = PROPAGATION_FLAGS[name]
@@ -418,19 +352,19 @@ def parse(raw: Any, bundle: str) -> Spec:
         from .seccomp import SeccompProfile
 
         seccomp = SeccompProfile.from_spec(linux["seccomp"], "linux.seccomp")
-    masked = tuple(_abs_path(p, f"linux.maskedPaths[{i}]")
-                   for i, p in enumerate(_list(linux.get("maskedPaths"), "linux.maskedPaths")))
-    readonly = tuple(_abs_path(p, f"linux.readonlyPaths[{i}]")
-                     for i, p in enumerate(_list(linux.get("readonlyPaths"), "linux.readonlyPaths")))
-    sysctl = _obj(linux.get("sysctl"), "linux.sysctl", optional=True)
+    masked = tuple(abs_path(p, f"linux.maskedPaths[{i}]")
+                   for i, p in enumerate(array(linux.get("maskedPaths"), "linux.maskedPaths")))
+    readonly = tuple(abs_path(p, f"linux.readonlyPaths[{i}]")
+                     for i, p in enumerate(array(linux.get("readonlyPaths"), "linux.readonlyPaths")))
+    sysctl = obj(linux.get("sysctl"), "linux.sysctl", optional=True)
     for key, value in sysctl.items():
-        _str(value, f"linux.sysctl.{key}")
+        string(value, f"linux.sysctl.{key}")
         if not re.match(r"^[a-zA-Z0-9_.\-/]+$", key) or ".." in key:
             raise SpecError(f"linux.sysctl.{key}", "is not a valid sysctl name")
     personality = None
     if linux.get("personality") is not None:
-        pers = _obj(linux["personality"], "linux.personality")
-        domain = _str(pers.get("domain"), "linux.personality.domain")
+        pers = obj(linux["personality"], "linux.personality")
+        domain = string(pers.get("domain"), "linux.personality.domain")
         if domain not in ("LINUX", "LINUX32"):
             raise SpecError("linux.personality.domain", f"unknown domain {domain!r}")
         if pers.get("flags"):
@@ -445,7 +379,7 @@ def parse(raw: Any, bundle: str) -> Spec:
         raise SpecError("hostname", "setting a hostname needs a new uts namespace")
 
     return Spec(
-        raw=raw, root_path=root_path, root_readonly=_bool(root.get("readonly"), "root.readonly"),
+        raw=raw, root_path=root_path, root_readonly=boolean(root.get("readonly"), "root.readonly"),
         process=process, hostname=hostname, domainname=domainname, mounts=mounts, hooks=hooks,
         annotations=dict(annotations), namespaces=tuple(namespaces), uid_mappings=uid_mappings,
         gid_mappings=gid_mappings, devices=devices, cgroups_path=cgroups_path, resources=resources,
@@ -455,16 +389,16 @@ def parse(raw: Any, bundle: str) -> Spec:
 
 
 def _parse_hooks(value: Any) -> dict[str, tuple[Hook, ...]]:
-    hooks_obj = _obj(value, "hooks", optional=True)
+    hooks_obj = obj(value, "hooks", optional=True)
     result = {}
     for name in HOOK_NAMES:
         entries = []
-        for i, item in enumerate(_list(hooks_obj.get(name), f"hooks.{name}")):
+        for i, item in enumerate(array(hooks_obj.get(name), f"hooks.{name}")):
             p = f"hooks.{name}[{i}]"
-            item = _obj(item, p)
-            entries.append(Hook(_abs_path(item.get("path"), f"{p}.path"),
-                                tuple(_strings(item.get("args"), f"{p}.args")),
-                                tuple(_strings(item.get("env"), f"{p}.env")),
-                                _int(item.get("timeout"), f"{p}.timeout", optional=True, lo=1, hi=86400)))
+            item = obj(item, p)
+            entries.append(Hook(abs_path(item.get("path"), f"{p}.path"),
+                                tuple(strings(item.get("args"), f"{p}.args")),
+                                tuple(strings(item.get("env"), f"{p}.env")),
+                                integer(item.get("timeout"), f"{p}.timeout", optional=True, lo=1, hi=86400)))
         result[name] = tuple(entries)
     return result

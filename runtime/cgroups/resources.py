@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 from ..errors import SpecError
+from .. import jsonfields
 
 INT64_MAX = (1 << 63) - 1
 UINT64_MAX = (1 << 64) - 1
@@ -194,25 +195,25 @@ class Resources(_Record):
     def from_spec(cls, data: object, path: str = "linux.resources") -> Resources:
         if data is None:
             return cls()
-        obj = _obj(data, path)
+        obj = jsonfields.obj(data, path)
         memory = _memory(obj.get("memory"), f"{path}.memory")
         cpu = _cpu(obj.get("cpu"), f"{path}.cpu")
         pids_limit = None
         pids = obj.get("pids")
         if pids is not None:
-            pids = _obj(pids, f"{path}.pids")
+            pids = jsonfields.obj(pids, f"{path}.pids")
             limit = _int(pids.get("limit"), f"{path}.pids.limit", -INT64_MAX - 1, INT64_MAX)
             # runc: 0 leaves the limit alone, any negative value means unlimited.
             pids_limit = None if not limit else max(limit, -1)
         devices = None
         if obj.get("devices") is not None:
             devices = tuple(_device(d, f"{path}.devices[{i}]")
-                            for i, d in enumerate(_list(obj["devices"], f"{path}.devices")))
+                            for i, d in enumerate(jsonfields.array(obj["devices"], f"{path}.devices")))
         hugepages = tuple(_hugepage(h, f"{path}.hugepageLimits[{i}]")
-                          for i, h in enumerate(_list(obj.get("hugepageLimits"), f"{path}.hugepageLimits")))
+                          for i, h in enumerate(jsonfields.array(obj.get("hugepageLimits"), f"{path}.hugepageLimits")))
         unified: dict[str, str] = {}
         if obj.get("unified") is not None:
-            for key, value in _obj(obj["unified"], f"{path}.unified").items():
+            for key, value in jsonfields.obj(obj["unified"], f"{path}.unified").items():
                 where = f"{path}.unified.{key}"
                 # The key names a file in the container's cgroup directory: nothing that walks out of it.
                 if not isinstance(key, str) or not key or "/" in key or key in (".", "..") or "\0" in key:
@@ -223,7 +224,7 @@ class Resources(_Record):
         rdma: tuple[RdmaLimit, ...] = ()
         if obj.get("rdma") is not None:
             rdma = tuple(_rdma(name, value, f"{path}.rdma.{name}")
-                         for name, value in _obj(obj["rdma"], f"{path}.rdma").items())
+                         for name, value in jsonfields.obj(obj["rdma"], f"{path}.rdma").items())
         return cls(memory=memory, cpu=cpu, pids_limit=pids_limit, devices=devices,
                    block_io=_block_io(obj.get("blockIO"), f"{path}.blockIO"), hugepage_limits=hugepages,
                    network=_network(obj.get("network"), f"{path}.network"), rdma=rdma,
@@ -248,20 +249,6 @@ def effective_device_rules(rules: tuple[DeviceRule, ...]) -> tuple[bool, list[De
 
 
 # --- field parsers -------------------------------------------------------------------------------------------
-
-def _obj(value: object, path: str) -> dict:
-    if not isinstance(value, dict):
-        raise SpecError(path, "must be an object")
-    return value
-
-
-def _list(value: object, path: str) -> list:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise SpecError(path, "must be an array")
-    return value
-
 
 def _int(value: object, path: str, lo: int, hi: int) -> int | None:
     if value is None:
@@ -291,7 +278,7 @@ def _bytes(value: object, path: str) -> int | None:
 def _memory(value: object, path: str) -> Memory | None:
     if value is None:
         return None
-    obj = _obj(value, path)
+    obj = jsonfields.obj(value, path)
     _bytes(obj.get("kernel"), f"{path}.kernel")  # validated, then ignored (see Memory)
     _bool(obj.get("useHierarchy"), f"{path}.useHierarchy")  # always on in current kernels
     limit = _bytes(obj.get("limit"), f"{path}.limit")
@@ -316,7 +303,7 @@ def _cpu_list(value: object, path: str) -> str | None:
 def _cpu(value: object, path: str) -> Cpu | None:
     if value is None:
         return None
-    obj = _obj(value, path)
+    obj = jsonfields.obj(value, path)
     shares = _int(obj.get("shares"), f"{path}.shares", 0, UINT64_MAX) or None
     if shares is not None and not 2 <= shares <= 262144:
         raise SpecError(f"{path}.shares", f"must be between 2 and 262144, not {shares}")
@@ -341,7 +328,7 @@ def _device_number(value: object, path: str) -> int | None:
 
 
 def _device(value: object, path: str) -> DeviceRule:
-    obj = _obj(value, path)
+    obj = jsonfields.obj(value, path)
     allow = _bool(obj.get("allow"), f"{path}.allow")
     if allow is None:
         raise SpecError(f"{path}.allow", "is required")
@@ -366,9 +353,9 @@ def _major_minor(obj: dict, path: str) -> tuple[int, int]:
 
 def _throttle(value: object, path: str) -> tuple[ThrottleDevice, ...]:
     result = []
-    for i, item in enumerate(_list(value, path)):
+    for i, item in enumerate(jsonfields.array(value, path)):
         where = f"{path}[{i}]"
-        major, minor = _major_minor(_obj(item, where), where)
+        major, minor = _major_minor(jsonfields.obj(item, where), where)
         rate = _int(item.get("rate"), f"{where}.rate", 0, UINT64_MAX)
         if rate is None:
             raise SpecError(f"{where}.rate", "is required")
@@ -386,11 +373,11 @@ def _weight(value: object, path: str) -> int | None:
 def _block_io(value: object, path: str) -> BlockIO | None:
     if value is None:
         return None
-    obj = _obj(value, path)
+    obj = jsonfields.obj(value, path)
     weight_devices = []
-    for i, item in enumerate(_list(obj.get("weightDevice"), f"{path}.weightDevice")):
+    for i, item in enumerate(jsonfields.array(obj.get("weightDevice"), f"{path}.weightDevice")):
         where = f"{path}.weightDevice[{i}]"
-        major, minor = _major_minor(_obj(item, where), where)
+        major, minor = _major_minor(jsonfields.obj(item, where), where)
         weight_devices.append(WeightDevice(major, minor, _weight(item.get("weight"), f"{where}.weight"),
                                            _weight(item.get("leafWeight"), f"{where}.leafWeight")))
     return BlockIO(weight=_weight(obj.get("weight"), f"{path}.weight"),
@@ -404,7 +391,7 @@ def _block_io(value: object, path: str) -> BlockIO | None:
 
 
 def _hugepage(value: object, path: str) -> HugepageLimit:
-    obj = _obj(value, path)
+    obj = jsonfields.obj(value, path)
     size = obj.get("pageSize")
     if not isinstance(size, str) or not re.match(_PAGE_SIZE, size):
         raise SpecError(f"{path}.pageSize", f"must be a size like \"2MB\" or \"1GB\", not {size!r}")
@@ -417,11 +404,11 @@ def _hugepage(value: object, path: str) -> HugepageLimit:
 def _network(value: object, path: str) -> Network | None:
     if value is None:
         return None
-    obj = _obj(value, path)
+    obj = jsonfields.obj(value, path)
     priorities = []
-    for i, item in enumerate(_list(obj.get("priorities"), f"{path}.priorities")):
+    for i, item in enumerate(jsonfields.array(obj.get("priorities"), f"{path}.priorities")):
         where = f"{path}.priorities[{i}]"
-        item = _obj(item, where)
+        item = jsonfields.obj(item, where)
         name = item.get("name")
         if not isinstance(name, str) or not name or any(c.isspace() or c in "/\0" for c in name):
             raise SpecError(f"{where}.name", "must be a network interface name")
@@ -436,6 +423,6 @@ def _network(value: object, path: str) -> Network | None:
 def _rdma(name: str, value: object, path: str) -> RdmaLimit:
     if not isinstance(name, str) or not name or any(c.isspace() or c == "\0" for c in name):
         raise SpecError(path, "must be keyed by an RDMA device name")
-    obj = _obj(value, path)
+    obj = jsonfields.obj(value, path)
     return RdmaLimit(name, _int(obj.get("hcaHandles"), f"{path}.hcaHandles", 0, UINT32_MAX),
                      _int(obj.get("hcaObjects"), f"{path}.hcaObjects", 0, UINT32_MAX))
