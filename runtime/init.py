@@ -161,6 +161,8 @@ def _stage1_create(plan: InitPlan, sock: _socket.socket) -> None:
             flags |= ns.flag
     if flags & ~libc.CLONE_NEWCGROUP:
         libc.unshare(flags & ~libc.CLONE_NEWCGROUP)
+    # Most of the rootfs while the parent puts us in our cgroup (its first cgroup.procs write can take ms)
+    rootfd = rootfs.prepare(spec, in_user_ns=new_user or bool(user_ns))
     # The cgroup namespace is rooted at our cgroup, and stage 2 inherits it at fork: both wait for "go"
     _await(sock, "go")
     if flags & libc.CLONE_NEWCGROUP:
@@ -169,17 +171,16 @@ def _stage1_create(plan: InitPlan, sock: _socket.socket) -> None:
         _fork_stage2(sock)
     else:
         send(sock, {"pid": os.getpid()})
-    _stage2_create(plan, sock, in_user_ns=new_user or bool(user_ns))
+    _stage2_create(plan, sock, rootfd)
 
 
-def _stage2_create(plan: InitPlan, sock: _socket.socket, *, in_user_ns: bool) -> None:
+def _stage2_create(plan: InitPlan, sock: _socket.socket, rootfd: int) -> None:
     spec, process = plan.spec, plan.process
     os.setsid()
     if spec.hooks["createContainer"] or spec.hooks["startContainer"]:
         from . import hooks  # noqa: F401  (imported now: after pivot_root our own files are out of sight)
-    rootfd = rootfs.prepare(spec, cgroup_paths=plan.cgroup_paths,
-                            new_cgroupns=any(ns.type == "cgroup" and ns.path is None for ns in spec.namespaces),
-                            in_user_ns=in_user_ns)
+    rootfs.mount_late(spec, rootfd, cgroup_paths=plan.cgroup_paths,
+                      new_cgroupns=any(ns.type == "cgroup" and ns.path is None for ns in spec.namespaces))
     if spec.hooks["prestart"] or spec.hooks["createRuntime"]:
         send(sock, {"hooks": True})  # they run in the runtime's namespaces, so the parent runs them
         _await(sock, "ok")

@@ -122,10 +122,22 @@ def _make(parentfd: int, name: str, kind: str, path: str) -> None:
         raise RootfsError(f"cannot create {path} inside the container's root: {e.strerror}") from None
 
 
-def prepare(spec: Spec, *, cgroup_paths: dict[str, str], new_cgroupns: bool, in_user_ns: bool) -> int:
-    """Before pivot_root: propagation, the rootfs bind, every mount of the spec, devices, /dev links.
+# Mounts that must wait until the init is inside its pid and cgroup namespaces (procfs shows the mounter's pid
+# namespace; a fresh cgroup2 mount, the mounter's cgroup namespace), with everything mounted below them.
+_LATE_TYPES = ("proc", "cgroup")
 
-    Returns an O_PATH descriptor of the new root.
+
+def _late(spec: Spec) -> list[bool]:
+    """For each of the spec's mounts, whether it is mounted late (by mount_late) rather than by prepare."""
+    roots = [m.destination.rstrip("/") + "/" for m in spec.mounts if m.type in _LATE_TYPES]
+    return [any((m.destination.rstrip("/") + "/").startswith(root) for root in roots) for m in spec.mounts]
+
+
+def prepare(spec: Spec, *, in_user_ns: bool) -> int:
+    """Propagation, the rootfs bind, the spec's mounts but the late ones, devices, /dev links.
+
+    Runs as soon as the mount namespace exists, before the init joins its cgroup (the runtime writes the cgroup
+    files meanwhile). Returns an O_PATH descriptor of the new root.
     """
     libc.mount(None, "/", None, spec.rootfs_propagation or (libc.MS_SLAVE | libc.MS_REC))
     if spec.rootfs_propagation & libc.MS_SHARED:
@@ -134,10 +146,8 @@ def prepare(spec: Spec, *, cgroup_paths: dict[str, str], new_cgroupns: bool, in_
     libc.mount(spec.root_path, spec.root_path, None, libc.MS_BIND | libc.MS_REC)
     rootfd = os.open(spec.root_path, libc.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for mount in spec.mounts:
-            if mount.type == "cgroup":
-                _mount_cgroups(rootfd, mount, cgroup_paths, new_cgroupns)
-            else:
+        for mount, late in zip(spec.mounts, _late(spec)):
+            if not late:
                 _mount_one(rootfd, mount)
         dev_is_mounted = any(m.destination == "/dev" for m in spec.mounts)
         for device in (*DEFAULT_DEVICES, *spec.devices):
@@ -153,6 +163,17 @@ def prepare(spec: Spec, *, cgroup_paths: dict[str, str], new_cgroupns: bool, in_
         os.close(rootfd)
         raise
     return rootfd
+
+
+def mount_late(spec: Spec, rootfd: int, *, cgroup_paths: dict[str, str], new_cgroupns: bool) -> None:
+    """The mounts prepare left: proc and cgroup mounts and what lies below them, in the spec's order."""
+    for mount, late in zip(spec.mounts, _late(spec)):
+        if not late:
+            continue
+        if mount.type == "cgroup":
+            _mount_cgroups(rootfd, mount, cgroup_paths, new_cgroupns)
+        else:
+            _mount_one(rootfd, mount)
 
 
 def _make_parent_mount_private(root: str) -> None:

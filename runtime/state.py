@@ -90,7 +90,7 @@ class StateDir:
     def save(self, state: dict) -> None:
         tmp = os.path.join(self.path, f".{STATE_FILE}.tmp")
         with open(tmp, "w") as f:
-            json.dump(state, f)
+            f.write(json.dumps(state))  # dumps: the C encoder; dump() streams through the Python one
         os.rename(tmp, os.path.join(self.path, STATE_FILE))
 
     @property

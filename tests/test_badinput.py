@@ -225,7 +225,7 @@ CASES: list[tuple[str, Callable[[dict], dict], str | None]] = [
     ("terminal-without-socket", _edit(lambda c: c["process"].update(terminal=True)), None),
     ("memory-negative", _edit(lambda c: c["linux"]["resources"].update(memory={"limit": -5})),
      "linux.resources.memory.limit"),
-    ("memory-too-small-for-init", _edit(lambda c: c["linux"]["resources"].update(memory={"limit": 1 << 20})),
+    ("memory-too-small-for-init", _edit(lambda c: c["linux"]["resources"].update(memory={"limit": 1 << 16})),
      None),
     ("pids-too-small-for-init", _edit(lambda c: c["linux"]["resources"].update(pids={"limit": 1})), None),
     ("cpus-out-of-range", _edit(lambda c: c["linux"]["resources"].update(cpu={"cpus": "999"})), None),
