@@ -83,3 +83,37 @@ def coldbrew(root: str, *args: str, check: bool = True, input: str | None = None
     if check and result.returncode != 0:
         raise AssertionError(f"coldbrew {' '.join(args)} exited {result.returncode}: {result.stderr}")
     return result
+
+
+def fork_child(body, *, dumpable: bool = True) -> tuple[int, dict | None]:
+    """Run body() in a forked child; return its wait status and {"ok": result} or {"error": ..., "errno": ...}.
+
+    The report pipe is close-on-exec, so a body that execs reports nothing (None) and the status is the program's.
+    `dumpable=False` spares core files when the body is meant to die of a signal.
+    """
+    import signal
+
+    from coldbrew.runtime import libc
+
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_fd)
+            signal.alarm(10)  # a wedged child must not hang the suite
+            if not dumpable:
+                libc.prctl(libc.PR_SET_DUMPABLE, 0)
+            try:
+                report = {"ok": body()}
+                code = 0
+            except BaseException as error:  # everything goes back to the parent
+                report = {"error": f"{type(error).__name__}: {error}", "errno": getattr(error, "errno", None)}
+            os.write(write_fd, json.dumps(report).encode())
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        data = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    return status, json.loads(data) if data else None

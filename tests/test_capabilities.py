@@ -5,47 +5,20 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
-from collections.abc import Callable
 
 import pytest
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coldbrew.runtime import libc
+from conftest import fork_child
 from coldbrew.runtime.capabilities import ALL, LAST_CAP, SETS, Capabilities, current
 from coldbrew.runtime.errors import SpecError, SyscallError, Unsupported
 from coldbrew.runtime.seccomp import SeccompProfile, load_filter
 
 BUSYBOX = "/bin/busybox"
 NOBODY = 65534
-
-
-def fork_child(body: Callable[[], object]) -> tuple[int, dict | None]:
-    """Run body() in a forked child; return its wait status and {"ok": result} or {"error": ..., "errno": ...}.
-
-    The report pipe is close-on-exec, so a body that execs reports nothing (None) and the status is the program's.
-    """
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(read_fd)
-            signal.alarm(10)  # a wedged child must not hang the suite
-            try:
-                report = {"ok": body()}
-                code = 0
-            except BaseException as error:  # everything goes back to the parent
-                report = {"error": f"{type(error).__name__}: {error}", "errno": getattr(error, "errno", None)}
-            os.write(write_fd, json.dumps(report).encode())
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as pipe:
-        data = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    return status, json.loads(data) if data else None
 
 
 def as_lists(sets: dict[str, set[str]]) -> dict[str, list[str]]:

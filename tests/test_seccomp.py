@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import os
 import platform
 import signal
@@ -13,44 +12,18 @@ import sys
 from collections.abc import Callable
 
 import pytest
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from coldbrew.runtime import libc
+from conftest import fork_child
 from coldbrew.runtime.errors import SpecError, Unsupported
 from coldbrew.runtime.seccomp import SeccompProfile, load_filter
 
 BUSYBOX = "/bin/busybox"
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
-
-
-def fork_child(body: Callable[[], object]) -> tuple[int, dict | None]:
-    """Run body() in a forked child; return its wait status and {"ok": result} or {"error": ..., "errno": ...}.
-
-    The report pipe is close-on-exec, so a body that execs reports nothing (None) and the status is the program's.
-    """
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(read_fd)
-            signal.alarm(10)  # a wedged child must not hang the suite
-            libc.prctl(libc.PR_SET_DUMPABLE, 0)  # no core files from the SIGSYS kills
-            try:
-                report = {"ok": body()}
-                code = 0
-            except BaseException as error:  # everything goes back to the parent
-                report = {"error": f"{type(error).__name__}: {error}", "errno": getattr(error, "errno", None)}
-            os.write(write_fd, json.dumps(report).encode())
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as pipe:
-        data = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    return status, json.loads(data) if data else None
 
 
 def errno_of(call: Callable[[], object]) -> int:
@@ -88,7 +61,7 @@ def test_errno_rule_blocks_mkdir_while_the_rest_works(tmp_path):
         (tmp_path / "written").write_text("yes")
         return {"mkdir": mkdir, "status": seccomp_status()}
 
-    status, report = fork_child(body)
+    status, report = fork_child(body, dumpable=False)
     assert report == {"ok": {"mkdir": errno.EPERM,
                              "status": {"Seccomp": "2", "Seccomp_filters": "1", "NoNewPrivs": "0"}}}
     assert os.waitstatus_to_exitcode(status) == 0
@@ -123,7 +96,7 @@ def test_argument_conditions():
         load_filter(program)
         return {hex(p): personality(p) for p in (0x0008, 0x0301, 0x0001, 0x0002, 0xFFFFFFFF, 0x0000)}
 
-    _, report = fork_child(body)
+    _, report = fork_child(body, dumpable=False)
     assert report == {"ok": {"0x8": errno.EACCES, "0x301": errno.EXDEV, "0x1": errno.ENXIO, "0x2": errno.ENXIO,
                              "0xffffffff": 0, "0x0": 0}}
 
@@ -141,7 +114,7 @@ def test_kill_action_kills_with_sigsys(action):
         os.getppid()
         return "survived"
 
-    status, report = fork_child(body)
+    status, report = fork_child(body, dumpable=False)
     assert report is None
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS
 
@@ -159,7 +132,7 @@ def test_trap_action_raises_sigsys_that_a_handler_sees():
         _libc.getppid()
         return seen
 
-    _, report = fork_child(body)
+    _, report = fork_child(body, dumpable=False)
     assert report == {"ok": [signal.SIGSYS]}
 
 
@@ -219,7 +192,7 @@ def test_docker_shaped_profile_runs_busybox():
         load_filter(program, profile.flags)
         os.execv(BUSYBOX, [BUSYBOX, "true"])
 
-    status, report = fork_child(body)
+    status, report = fork_child(body, dumpable=False)
     assert report is None, report
     assert os.waitstatus_to_exitcode(status) == 0
 
@@ -227,7 +200,7 @@ def test_docker_shaped_profile_runs_busybox():
         load_filter(program, profile.flags)
         os.execv(BUSYBOX, [BUSYBOX, "false"])
 
-    status, report = fork_child(failing)
+    status, report = fork_child(failing, dumpable=False)
     assert report is None and os.waitstatus_to_exitcode(status) == 1
 
 
@@ -254,7 +227,7 @@ def test_default_errno_profile_allows_its_list_and_answers_enosys_for_newer_sysc
             "x32 beyond": raw_syscall(X32 | 1000),
         }
 
-    _, report = fork_child(body)
+    _, report = fork_child(body, dumpable=False)
     assert report == {"ok": {"getpid": 0, "unshare": denied, "cachestat": errno.ENOSYS, "personality 8": 0,
                              "personality 1": denied, "clone newns": denied, "x32 unshare": denied,
                              "x32 beyond": errno.ENOSYS}}
@@ -281,7 +254,7 @@ def test_flags():
         load_filter(program, profile.flags)
         return seccomp_status()
 
-    _, report = fork_child(body)
+    _, report = fork_child(body, dumpable=False)
     assert report == {"ok": {"Seccomp": "2", "Seccomp_filters": "1", "NoNewPrivs": "0"}}
 
 
@@ -294,7 +267,7 @@ def test_load_filter_refuses_bad_programs():
     def body():
         load_filter(b"\xff\xff\x00\x00\x00\x00\x00\x00")  # not a BPF opcode: the kernel says EINVAL
 
-    _, report = fork_child(body)
+    _, report = fork_child(body, dumpable=False)
     assert report["errno"] == errno.EINVAL
     assert report["error"].startswith("SyscallError: seccomp(SECCOMP_SET_MODE_FILTER")
 
