@@ -213,3 +213,12 @@ def test_cli_errors_are_json_logged(runtime_root, tmp_path):
     assert entry["level"] == "debug" and entry["msg"].endswith("list")
     refused = coldbrew(runtime_root, "--systemd-cgroup", "state", "x", check=False)
     assert refused.returncode == 1 and "systemd" in refused.stderr
+
+
+def test_no_pivot_runs_in_a_chroot(runtime_root, bundles, cid):
+    result = coldbrew(runtime_root, "run", "--no-pivot", "--bundle",
+                      str(bundles.make(["sh", "-c", "ls /; grep -c . /proc/self/mountinfo"])), cid, check=False)
+    assert result.returncode == 0, result.stderr
+    listing = result.stdout.split()
+    assert "bin" in listing and "etc" in listing
+    assert not os.path.exists(os.path.join(runtime_root, cid))
