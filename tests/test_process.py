@@ -185,7 +185,10 @@ def test_cli_exec_detach_and_process_file(runtime_root, bundles, cid, tmp_path):
     pid_file = tmp_path / "exec.pid"
     coldbrew(runtime_root, "exec", "--process", str(process_file), "--detach", "--pid-file", str(pid_file), cid)
     pid = int(pid_file.read_text())
-    assert open(f"/proc/{pid}/cmdline", "rb").read().startswith(b"sleep")
+    deadline = time.monotonic() + 5  # --detach returns once the process is set up, a moment before its execve
+    while not open(f"/proc/{pid}/cmdline", "rb").read().startswith(b"sleep"):
+        assert time.monotonic() < deadline, "the exec'd program never ran"
+        time.sleep(0.01)
     assert pid in json.loads(coldbrew(runtime_root, "ps", "--format", "json", cid).stdout)
     table = coldbrew(runtime_root, "ps", cid).stdout.splitlines()
     assert "PID" in table[0] and len(table) == 3
