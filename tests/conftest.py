@@ -49,6 +49,15 @@ def runtime_root(tmp_path: Path):
     root = Path("/run") / f"coldbrew-test-{uuid.uuid4().hex[:8]}"
     yield str(root)
     leftovers = os.listdir(root) if root.exists() else []
+    if leftovers:  # a test that failed half-way: take its containers down (processes, cgroups) before failing
+        from coldbrew.runtime.container import Runtime
+        from coldbrew.runtime.errors import RuntimeFailure
+
+        for cid in leftovers:
+            try:
+                Runtime(str(root), subreaper=False).get(cid).delete(force=True)
+            except RuntimeFailure:
+                pass
     if root.exists():
         shutil.rmtree(root, ignore_errors=True)
     assert not leftovers, f"state directories left behind: {leftovers}"
