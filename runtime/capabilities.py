@@ -167,6 +167,17 @@ def _name(number: int) -> str:
     return _NAMES[number] if number < len(_NAMES) else f"capability {number}"
 
 
+def permitted_now() -> frozenset[str]:
+    """The permitted set this process holds, from capget(2) (no /proc needed). Not always all capabilities: a host's
+    root may lack some (CAP_SYS_RESOURCE in some VMs), and capset refuses to add to the permitted set."""
+    header = _Header(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_Data * 2)()
+    if libc.libc.capget(ctypes.byref(header), data) != 0:
+        raise SyscallError(libc.errno(), "capget")
+    mask = data[0].permitted | data[1].permitted << 32
+    return frozenset(name for number, name in enumerate(ALL) if mask >> number & 1)
+
+
 def current() -> dict[str, set[str]]:
     """This process's five sets from /proc/self/status (bits without a known name are left out)."""
     result: dict[str, set[str]] = {}

@@ -460,7 +460,7 @@ class Container:
             finally:
                 os.close(fd)
             os.unlink(self._dir.fifo)
-        hooks = self.spec().hooks["poststart"] if self._record["config"].get("hooks") else ()
+        hooks = self.spec_hooks("poststart")
         if hooks:
             from .hooks import run_hooks
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .spec import HOOK_NAMES, NAMESPACE_FLAGS, PROPAGATION_FLAGS, _MOUNT_FLAGS
+from .spec import HOOK_NAMES, MOUNT_FLAGS, NAMESPACE_FLAGS, PROPAGATION_FLAGS
 
 _DEFAULT_CAPS = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
 
@@ -16,7 +16,7 @@ def features() -> dict:
         "ociVersionMin": "1.0.0",
         "ociVersionMax": "1.2.0",
         "hooks": list(HOOK_NAMES),
-        "mountOptions": sorted([*_MOUNT_FLAGS, *PROPAGATION_FLAGS]),
+        "mountOptions": sorted([*MOUNT_FLAGS, *PROPAGATION_FLAGS]),
         "linux": {
             "namespaces": sorted(n for n in NAMESPACE_FLAGS if n != "time"),
             "capabilities": list(ALL),

@@ -19,7 +19,6 @@ No threads, no heavy imports here: the child of a large process must stay small 
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import resource
@@ -31,8 +30,8 @@ if TYPE_CHECKING:
     from typing import NoReturn
 
 from . import console, exec_shim, libc, rootfs
-from .capabilities import ALL as _ALL_CAP_NAMES, Capabilities
-from .errors import RuntimeFailure, SyscallError
+from .capabilities import Capabilities, permitted_now
+from .errors import RuntimeFailure
 from .network import bring_up_loopback
 from .seccomp import load_filter
 from .spec import NAMESPACE_PROC_NAMES, Process, Spec
@@ -317,7 +316,7 @@ def _prepare_process(plan: InitPlan, sock: _socket.socket) -> str:
     if plan.seccomp_program is not None and not process.no_new_privileges:
         # Loading a filter without no_new_privs needs CAP_SYS_ADMIN, which a uid change just cleared from the
         # effective set: keep every permitted capability effective until the filter is in (see _exec).
-        held = _permitted_now()
+        held = permitted_now()
         Capabilities(permitted=held, effective=held).apply()
     else:
         process.capabilities.apply()
@@ -334,17 +333,6 @@ def _prepare_process(plan: InitPlan, sock: _socket.socket) -> str:
     except FileNotFoundError:
         raise RuntimeFailure(f"process.cwd {process.cwd!r} is outside the container's root") from None
     return _resolve_program(process)
-
-
-def _permitted_now() -> frozenset[str]:
-    """The permitted set this process holds. Not all capabilities: a host's root may lack some (CAP_SYS_RESOURCE in
-    some VMs), and capset refuses to add to the permitted set."""
-    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
-    data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable} words
-    if libc.libc.capget(header, data) != 0:
-        raise SyscallError(libc.errno(), "capget")
-    mask = data[1] | data[4] << 32
-    return frozenset(name for number, name in enumerate(_ALL_CAP_NAMES) if mask >> number & 1)
 
 
 def _rlim(value: int) -> int:

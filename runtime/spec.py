@@ -36,7 +36,7 @@ NAMESPACE_PROC_NAMES = {"mount": "mnt", "pid": "pid", "network": "net", "ipc": "
                         "user": "user", "cgroup": "cgroup", "time": "time"}
 
 # mount(8) options that are flags: name -> (clear, set)
-_MOUNT_FLAGS = {
+MOUNT_FLAGS = {
     "ro": (0, libc.MS_RDONLY), "rw": (libc.MS_RDONLY, 0),
     "nosuid": (0, libc.MS_NOSUID), "suid": (libc.MS_NOSUID, 0),
     "nodev": (0, libc.MS_NODEV), "dev": (libc.MS_NODEV, 0),
@@ -184,8 +184,8 @@ class Mount(namedtuple("Mount", "destination type source flags clear_flags propa
         propagation = []
         extra = []
         for i, option in enumerate(strings(data.get("options"), f"{path}.options")):
-            if option in _MOUNT_FLAGS:
-                off, on = _MOUNT_FLAGS[option]
+            if option in MOUNT_FLAGS:
+                off, on = MOUNT_FLAGS[option]
                 flags = (flags & ~off) | on
                 clear |= off
             elif option in PROPAGATION_FLAGS:

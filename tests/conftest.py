@@ -79,16 +79,22 @@ def cid(request) -> str:
     return f"t-{uuid.uuid4().hex[:10]}"
 
 
-def coldbrew(root: str, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
-    """Run the CLI. Its output goes through files, not pipes: a created container's init inherits them and keeps
-    running, so a pipe would never see its end."""
+def run_through_files(cmd: list[str], *, input: str | None = None, timeout: float | None = None,
+                      ) -> subprocess.CompletedProcess:
+    """Run a command with its output through files, not pipes: a container's init (or a shim, conmon) started by
+    it inherits them and keeps running, so a pipe would never see its end."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        result = subprocess.run([COLDBREW, "--root", root, *args], stdout=out, stderr=err,
-                                input=input.encode() if input is not None else None,
-                                stdin=None if input is not None else subprocess.DEVNULL)
+        result = subprocess.run(cmd, stdout=out, stderr=err, input=input.encode() if input is not None else None,
+                                stdin=None if input is not None else subprocess.DEVNULL, timeout=timeout)
         out.seek(0)
         err.seek(0)
         result.stdout, result.stderr = out.read().decode(), err.read().decode()
+    return result
+
+
+def coldbrew(root: str, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI (see run_through_files)."""
+    result = run_through_files([COLDBREW, "--root", root, *args], input=input)
     if check and result.returncode != 0:
         raise AssertionError(f"coldbrew {' '.join(args)} exited {result.returncode}: {result.stderr}")
     return result

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from coldbrew.runtime.container import DEFAULT_ROOT
-from conftest import COLDBREW, coldbrew
+from conftest import COLDBREW, coldbrew, run_through_files
 
 IMAGE = "localhost/coldbrew-busybox:test"
 GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x"}
@@ -40,11 +40,7 @@ needs_podman = pytest.mark.skipif(not shutil.which("podman"),
 
 def _run(cmd: list[str], *, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run a client command; output through files, since daemons it starts (shims, conmon) may inherit pipes."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        result = subprocess.run(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, timeout=timeout)
-        out.seek(0)
-        err.seek(0)
-        result.stdout, result.stderr = out.read().decode(), err.read().decode()
+    result = run_through_files(cmd, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}:\n{result.stdout}{result.stderr}")
     return result
