@@ -24,7 +24,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--gap-ms", type=float, default=0.0,
                    help="idle milliseconds before each sample, so that every start is an isolated one (default 0)")
     s.add_argument("--workdir", default="/run", help="where bundles and state roots go (default /run)")
+    c = benches.add_parser("chunking", help="dedupe and start-up fetch of each chunking strategy")
+    c.add_argument("before", help="a tree")
+    c.add_argument("after", help="the same tree with a change (e.g. one more pip package)")
+    c.add_argument("--command", help="a command run chrooted in AFTER from a cold page cache: its working set")
     return p
+
+
+def _chunking(args: argparse.Namespace) -> int:
+    from . import chunking
+
+    pages = chunking.working_set(args.after, args.command) if args.command else None
+    sys.stdout.write(chunking.render(chunking.measure(args.before, args.after, pages)))
+    return 0
 
 
 def _progress(done: int, total: int) -> None:
@@ -36,6 +48,8 @@ def _progress(done: int, total: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.bench == "chunking":
+        return _chunking(args)
     try:
         peers = default_peers(runc=args.runc, coldbrew=args.coldbrew, floors=args.floors)
         result = run_startup(args.runs, args.warmup, peers=peers, workdir_parent=args.workdir, seed=args.seed,

@@ -1,0 +1,111 @@
+"""A chunk store behind HTTP: GET (and HEAD) of `<base>/ab/cd/<hex>` from any static web server or CDN.
+
+Reads need nothing but a server that serves the store's directory as files. Uploads (`put`) use HTTP PUT, which
+Debian's nginx accepts with its WebDAV module (`dav_methods PUT; create_full_put_path on;`): nginx writes the body
+to a temporary file and renames it into place, so a reader sees a whole object or none. A server without PUT works
+as well for pushing: write the directory it serves with `LocalStore` (same layout) and read it back over HTTP.
+
+One urllib3 connection pool per store, keep-alive, safe to share between many worker threads (the pool hands each
+request its own connection; `pool_size` connections are kept open, and more requesters wait for one).
+Transient failures (connection errors, timeouts, 5xx) are retried `retries` times with a short growing backoff,
+then reported as StoreUnavailable naming the URL and the last cause. A 404 is ChunkMissing at once. The store
+returns bytes as served; `objects.decode` verifies them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import urllib3
+
+from .errors import ChunkMissing, StoreUnavailable
+from .store import object_path
+
+_BACKOFF_FIRST = 0.05
+_BACKOFF_MAX = 1.0
+
+
+class HttpStore:
+    """The store at `base_url` (objects at `<base_url>/ab/cd/<hex>`). `timeout` bounds each connect and each read,
+    `retries` the extra attempts after a transient failure; `upload=False` makes `put` refuse (a read-only CDN)."""
+
+    def __init__(self, base_url: str, *, timeout: float = 10.0, retries: int = 3, pool_size: int = 32,
+                 upload: bool = True) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise StoreUnavailable(f"store URL {base_url!r}: expected http:// or https://")
+        if retries < 0:
+            raise ValueError(f"retries must be 0 or more, not {retries}")
+        self.base_url = base_url.rstrip("/")
+        self.retries = retries
+        self.upload = upload
+        self._path_prefix = urllib3.util.parse_url(self.base_url).path or ""
+        # Retries are ours (they apply to status codes too, and end in our error); urllib3's own are off.
+        self._pool = urllib3.connection_from_url(
+            self.base_url, maxsize=pool_size, block=True, retries=False,
+            timeout=urllib3.Timeout(connect=timeout, read=timeout),
+        )
+
+    def describe(self) -> str:
+        return self.base_url
+
+    def url_of(self, digest: bytes) -> str:
+        return f"{self.base_url}/{object_path(digest)}"
+
+    def get(self, digest: bytes) -> bytes:
+        response = self._request("GET", digest)
+        if response.status == 404:
+            raise ChunkMissing(digest, self.base_url)
+        return response.data
+
+    def has(self, digest: bytes) -> bool:
+        return self._request("HEAD", digest).status == 200
+
+    def put(self, digest: bytes, stored: bytes) -> None:
+        """Upload an object by HTTP PUT unless the store has it already (objects are immutable)."""
+        if not self.upload:
+            raise StoreUnavailable(f"{self.base_url} is read-only here (upload=False): push to the directory "
+                                   "it serves instead")
+        if self.has(digest):
+            return
+        self._request("PUT", digest, body=stored, expect=(200, 201, 204))
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def _request(self, method: str, digest: bytes, body: bytes | None = None,
+                 expect: tuple[int, ...] = (200, 404)) -> urllib3.BaseHTTPResponse:
+        url = self.url_of(digest)
+        path = f"{self._path_prefix}/{object_path(digest)}"
+        headers = {"Content-Type": "application/octet-stream"} if body is not None else None
+        cause = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(min(_BACKOFF_FIRST * 2 ** (attempt - 1), _BACKOFF_MAX))
+            try:
+                response = self._pool.request(method, path, body=body, headers=headers, preload_content=True,
+                                              redirect=False)
+            except urllib3.exceptions.HTTPError as error:
+                cause = _describe_error(error)
+                continue
+            if response.status in expect:
+                return response
+            if response.status >= 500:
+                cause = f"HTTP {response.status} {response.reason}"
+                continue
+            # Any other answer (403, 405 for a PUT nginx does not allow, ...) will not change on a retry.
+            raise StoreUnavailable(f"{method} {url}: HTTP {response.status} {response.reason}"
+                                   f"{_hint(method, response.status)}")
+        attempts = self.retries + 1
+        raise StoreUnavailable(f"{method} {url}: {cause} (after {attempts} attempt{'s' if attempts > 1 else ''})")
+
+
+def _describe_error(error: urllib3.exceptions.HTTPError) -> str:
+    # urllib3 wraps the OSError that says what happened (refused, reset, timed out): name that one.
+    reason = getattr(error, "reason", None) or error.__cause__ or error.__context__
+    return f"{type(error).__name__}: {reason}" if reason else f"{type(error).__name__}: {error}"
+
+
+def _hint(method: str, status: int) -> str:
+    if method == "PUT" and status == 405:
+        return " (the server does not accept PUT: enable WebDAV, `dav_methods PUT`, or push to its directory)"
+    return ""

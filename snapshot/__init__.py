@@ -1,0 +1,21 @@
+"""Checkpoint and restore of containers with CRIU: `snapshot(container, image_path) -> Snapshot` and
+`restore(runtime, snapshot, container_id) -> Container` (see coldbrew.snapshot.checkpoint).
+
+The names below are the public surface; they load on first use.
+"""
+
+_EXPORTS = {
+    "snapshot": "checkpoint", "restore": "checkpoint", "Snapshot": "image",
+    "Criu": "criu", "find_criu": "criu",
+    "CriuError": "errors", "CriuNotFound": "errors", "SnapshotError": "errors",
+}
+_RENAMED = {"find_criu": "find"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), _RENAMED.get(name, name))

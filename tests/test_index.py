@@ -1,0 +1,301 @@
+"""The image index format and push: round trips, dedupe, sparse files, and hostile indexes refused."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from coldbrew.fs import objects
+from coldbrew.fs.errors import BadIndex, BadReference, ChunkMissing, CorruptChunk
+from coldbrew.fs.index import Chunk, Index, IndexBuilder
+from coldbrew.fs.push import push
+from coldbrew.fs.store import LocalStore
+
+DIR = stat.S_IFDIR | 0o755
+REG = stat.S_IFREG | 0o644
+
+
+def load(store: LocalStore, reference: str) -> Index:
+    digest = bytes.fromhex(reference)
+    index = Index(objects.decode(digest, store.get(digest), 1 << 30))
+    index.validate()
+    return index
+
+
+# --- objects -------------------------------------------------------------------------------------------------------
+
+def test_objects_verify_their_name():
+    digest, stored = objects.encode(b"hello" * 1000)
+    assert objects.decode(digest, stored, 5000) == b"hello" * 1000
+    with pytest.raises(CorruptChunk, match=digest.hex()):
+        objects.decode(digest, objects.compress(b"other"), 5000)
+    with pytest.raises(CorruptChunk, match="not a zstd frame"):
+        objects.decode(digest, b"garbage", 5000)
+    with pytest.raises(CorruptChunk, match="does not decompress|not a zstd"):
+        objects.decode(digest, stored[: len(stored) // 2], 5000)
+    # A frame that claims more than the reader expects is refused before anything is allocated.
+    with pytest.raises(CorruptChunk, match="claims"):
+        objects.decode(digest, stored, 100)
+    # Without a content size in the frame, the output bound still holds.
+    unsized = zstandard.ZstdCompressor(write_content_size=False).compress(b"\0" * 100_000)
+    with pytest.raises(CorruptChunk):
+        objects.decode(objects.digest_of(b"\0" * 100_000), unsized, 1000)
+
+
+def test_references_are_parsed_strictly():
+    digest = objects.digest_of(b"x")
+    assert objects.parse_reference(digest.hex()) == digest
+    assert objects.parse_reference("blake3:" + digest.hex()) == digest
+    for bad in ("", "abc", "z" * 64, digest.hex() + "00"):
+        with pytest.raises(BadReference):
+            objects.parse_reference(bad)
+
+
+def test_local_store(tmp_path):
+    store = LocalStore(str(tmp_path))
+    digest, stored = objects.encode(b"data")
+    assert not store.has(digest)
+    with pytest.raises(ChunkMissing, match=digest.hex()):
+        store.get(digest)
+    store.put(digest, stored)
+    store.put(digest, stored)  # idempotent
+    assert store.has(digest) and store.get(digest) == stored
+    assert os.path.exists(tmp_path / digest.hex()[:2] / digest.hex()[2:4] / digest.hex())
+    assert not [p for p in tmp_path.rglob("*.tmp")]
+    with pytest.raises(ValueError):
+        store.put_named("../escape/x", b"")
+
+
+# --- the format ----------------------------------------------------------------------------------------------------
+
+names = st.binary(min_size=1, max_size=40).filter(lambda n: b"/" not in n and b"\0" not in n and n not in (b".", b".."))
+
+
+@st.composite
+def trees(draw):
+    """An in-memory tree: {name: None (file) | bytes (symlink target) | dict (directory)}."""
+    def directory(depth):
+        entries = draw(st.dictionaries(names, st.none() if depth > 2 else st.none() | st.binary(min_size=1, max_size=50).filter(lambda t: b"\0" not in t) | st.deferred(lambda: st.just({})), max_size=6))
+        return {name: (directory(depth + 1) if isinstance(value, dict) else value) for name, value in entries.items()}
+    return directory(0)
+
+
+def build(tree: dict) -> tuple[bytes, dict[bytes, tuple]]:
+    """Serialise a tree; returns the index and what each path should read back as."""
+    builder = IndexBuilder()
+    expected = {}
+    counter = iter(range(1, 1 << 30))
+
+    def add_dir(content: dict, ino: int, path: bytes) -> None:
+        children = []
+        for name, value in content.items():
+            child_path = path + b"/" + name if path else name
+            n = next(counter)
+            if isinstance(value, dict):
+                child = builder.add(mode=DIR, parent=ino, mtime_ns=n)
+                add_dir(value, child, child_path)
+                expected[child_path] = ("dir", n)
+            elif value is None:
+                chunk = Chunk(objects.digest_of(name), 0, n % 7 + 1)
+                child = builder.add(mode=REG, size=n % 7 + 3, parent=ino, mtime_ns=n, chunks=[chunk],
+                                    xattrs=[(b"user.n", str(n).encode())])
+                expected[child_path] = ("file", n, chunk)
+            else:
+                child = builder.add(mode=stat.S_IFLNK | 0o777, parent=ino, symlink=value, mtime_ns=n)
+                expected[child_path] = ("link", n, value)
+            children.append((name, child))
+        builder.set_children(ino, children)
+
+    root = builder.add(mode=DIR)
+    add_dir(tree, root, b"")
+    return builder.build(), expected
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(trees())
+def test_index_round_trip(tree):
+    data, expected = build(tree)
+    index = Index(data)
+    index.validate()
+    walked = dict(index.walk())
+    assert set(walked) - {b""} == set(expected)
+    for path, want in expected.items():
+        ino = walked[path]
+        # lookup along the path finds the same inode the walk did
+        parent = 1
+        for part in path.split(b"/"):
+            parent = index.lookup(parent, part)
+        assert parent == ino
+        attributes = index.attributes(ino)
+        assert attributes.mtime_ns == want[1]
+        if want[0] == "file":
+            assert index.chunks(ino) == [want[2]]
+            assert index.xattrs(ino) == {b"user.n": str(want[1]).encode()}
+            assert attributes.nlink == 1
+        elif want[0] == "link":
+            assert index.symlink_target(ino) == want[2]
+        else:
+            assert stat.S_ISDIR(attributes.mode)
+            subdirs = sum(1 for _, _, c in index.children(ino) if stat.S_ISDIR(index.mode(c)))
+            assert attributes.nlink == 2 + subdirs
+    assert index.lookup(1, b"\xff" * 41) is None
+
+
+def hostile(mutate) -> bytes:
+    builder = IndexBuilder()
+    root = builder.add(mode=DIR)
+    sub = builder.add(mode=DIR, parent=root)
+    leaf = builder.add(mode=REG, size=10, parent=sub, chunks=[Chunk(b"\1" * 32, 0, 10)])
+    mutate(builder, root, sub, leaf)
+    return builder.build()
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda b, r, s, f: (b.set_children(r, [(b"..", s)]), b.set_children(s, [(b"f", f)])), "not a file name"),
+    (lambda b, r, s, f: (b.set_children(r, [(b"a/b", s)]), b.set_children(s, [(b"f", f)])), "not a file name"),
+    (lambda b, r, s, f: (b.set_children(r, [(b"s", s)]), b.set_children(s, [(b"loop", r)])), "linked twice"),
+    (lambda b, r, s, f: (b.set_children(r, [(b"s", s), (b"t", s)])), "linked twice"),
+    (lambda b, r, s, f: (b.set_children(r, [(b"s", s)]), b.set_children(s, [(b"f", f)]),
+                         b.set_chunks(f, [Chunk(b"\1" * 32, 5, 10)])), "outside its file"),
+    (lambda b, r, s, f: (b.set_children(r, [(b"s", s)]), b.set_children(s, [(b"f", f)]),
+                         b.set_chunks(f, [Chunk(b"\1" * 32, 0, 4), Chunk(b"\2" * 32, 2, 4)])), "overlaps"),
+])
+def test_hostile_indexes_are_refused(mutate, message):
+    with pytest.raises(BadIndex, match=message):
+        Index(hostile(mutate)).validate()
+
+
+def patch_column(data: bytes, column: str, row: int, value: int, width: int = 4) -> bytes:
+    import json
+
+    header_len = int.from_bytes(data[8:12], "little")
+    offset = json.loads(data[12: 12 + header_len])["columns"][column][0] + 12 + header_len + row * width
+    return data[:offset] + value.to_bytes(width, "little") + data[offset + width:]
+
+
+def test_out_of_bounds_references_are_refused():
+    good = hostile(lambda b, r, s, f: (b.set_children(r, [(b"s", s)]), b.set_children(s, [(b"f", f)])))
+    with pytest.raises(BadIndex, match="inode 99 out of bounds"):
+        Index(patch_column(good, "dirent_ino", 1, 99)).validate()
+    with pytest.raises(BadIndex, match="chunks .* out of bounds"):
+        Index(patch_column(good, "ref_count", 2, 1 << 30)).validate()
+    with pytest.raises(BadIndex, match="dirents .* out of bounds"):
+        Index(patch_column(good, "ref_count", 0, 1 << 30)).validate()
+    with pytest.raises(BadIndex, match="no file type"):
+        Index(patch_column(good, "mode", 2, 0o170644)).validate()
+
+
+def test_hostile_headers_are_refused():
+    good = hostile(lambda b, r, s, f: (b.set_children(r, [(b"s", s)]), b.set_children(s, [(b"f", f)])))
+    Index(good).validate()
+    with pytest.raises(BadIndex, match="magic"):
+        Index(b"XXXX" + good[4:])
+    with pytest.raises(BadIndex):
+        Index(good[:40])
+    header_len = int.from_bytes(good[8:12], "little")
+    header = good[12: 12 + header_len]
+    huge = header.replace(b'"entries":3', b'"entries":9999999')
+    with pytest.raises(BadIndex, match="entries"):
+        Index(good[:12] + huge.ljust(header_len) + good[12 + header_len:])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_corrupted_bytes_never_crash_the_reader(data):
+    """Any single-byte change is either refused with BadIndex or still a consistent index: no other exception."""
+    good = bytearray(hostile(lambda b, r, s, f: (b.set_children(r, [(b"s", s), (b"z", f)]),
+                                                 b.set_children(s, [(b"f", f)]))))
+    position = data.draw(st.integers(0, len(good) - 1))
+    good[position] = data.draw(st.integers(0, 255))
+    try:
+        index = Index(bytes(good))
+        index.validate()
+    except BadIndex:
+        return
+    for path, ino in index.walk():  # what validates can be walked and read without errors
+        index.attributes(ino)
+        if stat.S_ISREG(index.mode(ino)):
+            index.chunks(ino)
+
+
+# --- push ----------------------------------------------------------------------------------------------------------
+
+def make_tree(root):
+    (root / "dir" / "sub").mkdir(parents=True)
+    (root / "dir" / "small").write_bytes(b"small file")
+    (root / "empty").write_bytes(b"")
+    (root / "exact").write_bytes(os.urandom(1 << 20))
+    (root / "plus1").write_bytes((root / "exact").read_bytes() + b"!")
+    os.link(root / "dir" / "small", root / "dir" / "sub" / "hardlink")
+    os.symlink("../small", root / "dir" / "sub" / "link")
+    with open(root / "sparse", "wb") as f:
+        f.truncate(8 << 20)
+        f.seek(5 << 20)
+        f.write(b"island")
+    os.mkfifo(root / "fifo")
+    os.mknod(root / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    os.setxattr(root / "dir" / "small", "user.origin", b"test")
+    os.chown(root / "dir" / "small", 1234, 5678, follow_symlinks=False)
+
+
+def test_push_keeps_metadata_and_data(tmp_path):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    make_tree(tree)
+    store = LocalStore(str(tmp_path / "store"))
+    result = push(str(tree), store)
+    index = load(store, result.reference)
+    inodes = dict(index.walk())
+    for path, ino in inodes.items():
+        st_ = os.lstat(tree / os.fsdecode(path)) if path else os.lstat(tree)
+        attributes = index.attributes(ino)
+        assert (attributes.mode, attributes.uid, attributes.gid, attributes.mtime_ns) == \
+               (st_.st_mode, st_.st_uid, st_.st_gid, st_.st_mtime_ns), path
+        assert attributes.nlink == st_.st_nlink, path
+        if stat.S_ISREG(st_.st_mode):
+            assert attributes.size == st_.st_size
+            content = bytearray(st_.st_size)
+            for chunk in index.chunks(ino):
+                raw = objects.decode(chunk.digest, store.get(chunk.digest), chunk.length)
+                content[chunk.offset: chunk.offset + chunk.length] = raw
+            assert bytes(content) == (tree / os.fsdecode(path)).read_bytes(), path
+    assert inodes[b"dir/small"] == inodes[b"dir/sub/hardlink"]
+    assert index.symlink_target(inodes[b"dir/sub/link"]) == b"../small"
+    assert index.xattrs(inodes[b"dir/small"]) == {b"user.origin": b"test"}
+    assert index.attributes(inodes[b"null"]).rdev == os.makedev(1, 3)
+    assert stat.S_ISFIFO(index.mode(inodes[b"fifo"]))
+    # the hole is not stored: one small chunk holds the island
+    sparse = index.chunks(inodes[b"sparse"])
+    assert sum(c.length for c in sparse) < 1 << 20 and any(c.offset <= 5 << 20 < c.offset + c.length for c in sparse)
+    assert [c.length for c in index.chunks(inodes[b"exact"])] == [1 << 20]
+    assert [c.length for c in index.chunks(inodes[b"plus1"])] == [1 << 20, 1]
+
+
+def test_push_dedupes_across_files_and_images(tmp_path):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    payload = os.urandom(3 << 20)
+    (tree / "a").write_bytes(payload)
+    (tree / "b").write_bytes(payload)  # same data, another file
+    store = LocalStore(str(tmp_path / "store"))
+    first = push(str(tree), store)
+    assert first.chunks == 6 and first.unique_chunks == 3 and first.uploaded_chunks == 3
+    again = push(str(tree), store)
+    assert again.reference == first.reference and again.uploaded_chunks == 0 and again.uploaded_bytes == 0
+    (tree / "c").write_bytes(b"one new file")
+    second = push(str(tree), store)
+    assert second.reference != first.reference and second.uploaded_chunks == 1
+    assert len(list((tmp_path / "store").rglob("*"))) > 0
+
+
+def test_push_refuses_what_is_not_a_directory(tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    from coldbrew.fs.errors import FsError
+
+    with pytest.raises(FsError, match="not a directory"):
+        push(str(tmp_path / "file"), LocalStore(str(tmp_path / "store")))
