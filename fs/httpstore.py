@@ -19,7 +19,7 @@ import time
 import urllib3
 
 from .errors import ChunkMissing, StoreUnavailable
-from .store import object_path
+from .store import named_path, object_path
 
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 1.0
@@ -52,13 +52,13 @@ class HttpStore:
         return f"{self.base_url}/{object_path(digest)}"
 
     def get(self, digest: bytes) -> bytes:
-        response = self._request("GET", digest)
+        response = self._request("GET", object_path(digest))
         if response.status == 404:
             raise ChunkMissing(digest, self.base_url)
         return response.data
 
     def has(self, digest: bytes) -> bool:
-        return self._request("HEAD", digest).status == 200
+        return self._request("HEAD", object_path(digest)).status == 200
 
     def put(self, digest: bytes, stored: bytes) -> None:
         """Upload an object by HTTP PUT unless the store has it already (objects are immutable)."""
@@ -67,15 +67,25 @@ class HttpStore:
                                    "it serves instead")
         if self.has(digest):
             return
-        self._request("PUT", digest, body=stored, expect=(200, 201, 204))
+        self._request("PUT", object_path(digest), body=stored, expect=(200, 201, 204))
+
+    def get_named(self, name: str) -> bytes | None:
+        response = self._request("GET", named_path(name))
+        return None if response.status == 404 else response.data
+
+    def put_named(self, name: str, data: bytes) -> None:
+        if not self.upload:
+            raise StoreUnavailable(f"{self.base_url} is read-only here (upload=False)")
+        self._request("PUT", named_path(name), body=data, expect=(200, 201, 204))
 
     def close(self) -> None:
         self._pool.close()
 
-    def _request(self, method: str, digest: bytes, body: bytes | None = None,
+    def _request(self, method: str, relative: str, body: bytes | None = None,
                  expect: tuple[int, ...] = (200, 404)) -> urllib3.BaseHTTPResponse:
-        url = self.url_of(digest)
-        path = f"{self._path_prefix}/{object_path(digest)}"
+        """`method` on `relative` (a path under the base URL), with bounded retries."""
+        url = f"{self.base_url}/{relative}"
+        path = f"{self._path_prefix}/{relative}"
         headers = {"Content-Type": "application/octet-stream"} if body is not None else None
         cause = ""
         for attempt in range(self.retries + 1):

@@ -77,13 +77,13 @@ class LocalStore:
 
     def get_named(self, name: str) -> bytes | None:
         try:
-            with open(os.path.join(self.root, _named_path(name)), "rb") as file:
+            with open(os.path.join(self.root, named_path(name)), "rb") as file:
                 return file.read()
         except FileNotFoundError:
             return None
 
     def put_named(self, name: str, data: bytes) -> None:
-        path = os.path.join(self.root, _named_path(name))
+        path = os.path.join(self.root, named_path(name))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         temporary = f"{path}.{os.getpid()}.tmp"
         with open(temporary, "wb") as file:
@@ -92,8 +92,8 @@ class LocalStore:
         os.rename(temporary, path)
 
 
-def _named_path(name: str) -> str:
-    """Named files live under `named/`; a name is `kind/hex` and never climbs out of the store."""
+def named_path(name: str) -> str:
+    """A named file's path relative to a store's root. Named files live under `named/`; a name is `kind/hex` and never climbs out of the store."""
     parts = name.split("/")
     if len(parts) != 2 or not all(part and part.replace("-", "").isalnum() for part in parts):
         raise ValueError(f"bad name for a store file: {name!r}")

@@ -408,12 +408,21 @@ def _log(args: Namespace, level: str, message: str) -> None:
         pass
 
 
+# Command groups beyond runc's verbs, each a module with its own `main(argv) -> int` (imported only when used).
+GROUPS = {"fs": "coldbrew.fs.cli"}
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import RuntimeFailure
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in GROUPS:
+        import importlib
+
+        return importlib.import_module(GROUPS[argv[0]]).main(argv[1:])
     verbs = _verbs()
     try:
-        args = parse(sys.argv[1:] if argv is None else argv, GLOBAL_OPTIONS, verbs)
+        args = parse(argv, GLOBAL_OPTIONS, verbs)
     except UsageError as e:
         sys.stderr.write(f"coldbrew: {e}\n")
         return 1
@@ -432,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
 
             raise Unsupported("--systemd-cgroup is not supported: coldbrew manages cgroupfs directly")
         if args.debug:
-            _log(args, "debug", f"coldbrew {' '.join(sys.argv[1:] if argv is None else argv)}")
+            _log(args, "debug", f"coldbrew {' '.join(argv)}")
             if not args.log:
                 sys.stderr.write(f"coldbrew: debug: {args.verb} {getattr(args, 'id', '')}\n")
         return args.handler(args)

@@ -204,3 +204,18 @@ def test_nginx_refuses_a_path_it_would_misread(tmp_path: Path) -> None:
     root.mkdir()
     with pytest.raises(NginxError, match=r"\$"):
         NginxServer(str(root))
+
+
+def test_named_files_round_trip_over_webdav(tmp_path):
+    from coldbrew.bench.nginx import NginxServer
+    from coldbrew.fs.httpstore import HttpStore
+
+    with NginxServer(str(tmp_path), webdav_put=True) as server:
+        store = HttpStore(server.url)
+        assert store.get_named("profiles/abc") is None
+        store.put_named("profiles/abc", b"first")
+        store.put_named("profiles/abc", b"second")  # named files are replaced, not immutable
+        assert store.get_named("profiles/abc") == b"second"
+        assert (tmp_path / "named" / "profiles" / "abc").read_bytes() == b"second"
+        with pytest.raises(ValueError):
+            store.get_named("../../etc/passwd")

@@ -1,0 +1,530 @@
+"""The process that serves an image mount, and the library calls that start, query and stop it.
+
+`mount` starts `python -m coldbrew.fs.daemon` in its own session (it forks once more, so it is nobody's child)
+and waits on a pipe until the image is mounted and the kernel's INIT is answered, or until it reports why not.
+The FUSE server is never the caller's thread: a FUSE server that touches its own mount deadlocks.
+
+Per mount, under /run/coldbrew/fs/ (named by a hash of the mount point): `KEY.json` (pid, mount point, image),
+`KEY.sock` (a control socket: `stats`, `save-profile`) and `KEY.log` (the daemon's log: fetch errors name the
+chunk). SIGTERM (what `unmount` sends) saves a recorded profile, unmounts and removes all three. When the daemon
+is gone (kill -9), `unmount` detaches the dead mount itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import hashlib
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+from .cache import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
+from .errors import FsError
+
+STATE_DIR = "/run/coldbrew/fs"
+FS_TYPE = "fuse.coldbrew"
+# The kernel's read-ahead for the mount (its bdi's read_ahead_kb); FUSE's default of 128 KiB makes 128 KiB
+# requests and halves sequential throughput. Measured in tests/test_mount.py's throughput check.
+READ_AHEAD_KB = 4096
+READY_TIMEOUT = 120.0
+STOP_TIMEOUT = 30.0
+_MNT_DETACH = 2
+
+log = logging.getLogger("coldbrew.fs")
+
+
+# --- the caller's side -----------------------------------------------------------------------------------------
+
+def _canonical(mountpoint: str) -> str:
+    """An absolute mount point path with its parent's symlinks resolved, without touching the mount point itself
+    (stat of a dead or hung FUSE mount would fail or block)."""
+    path = os.path.abspath(mountpoint)
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
+def _paths(mountpoint: str) -> tuple[str, str, str]:
+    key = hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:20]
+    base = os.path.join(STATE_DIR, key)
+    return base + ".json", base + ".sock", base + ".log"
+
+
+def _unescape(field: bytes) -> bytes:
+    # mountinfo octal-escapes space, tab, newline and backslash.
+    out = bytearray()
+    k = 0
+    while k < len(field):
+        if field[k] == 0x5C and field[k + 1: k + 4].isdigit():
+            out.append(int(field[k + 1: k + 4], 8))
+            k += 4
+        else:
+            out.append(field[k])
+            k += 1
+    return bytes(out)
+
+
+def _mount_entry(mountpoint: str) -> tuple[str, str] | None:
+    """(major:minor, filesystem type) of the topmost mount at `mountpoint`, or None."""
+    target = os.fsencode(mountpoint)
+    found = None
+    with open("/proc/self/mountinfo", "rb") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            if _unescape(fields[4]) == target:
+                separator = fields.index(b"-")
+                found = (fields[2].decode(), fields[separator + 1].decode())
+    return found
+
+
+def _read_state(path: str) -> dict | None:
+    try:
+        with open(path) as file:
+            return json.load(file)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _daemon_alive(state: dict) -> bool:
+    """Whether the state's pid is still our daemon (not a recycled pid)."""
+    try:
+        with open(f"/proc/{state['pid']}/cmdline", "rb") as file:
+            return b"coldbrew.fs.daemon" in file.read()
+    except (FileNotFoundError, ProcessLookupError, KeyError):
+        return False
+
+
+def mount(reference: str, mountpoint: str, *, store: str, cache_dir: str = DEFAULT_CACHE_DIR,
+          cache_size: int = DEFAULT_CACHE_SIZE, record_profile: bool = False, prefetch: bool = True,
+          foreground: bool = False, read_ahead_kb: int = READ_AHEAD_KB) -> None:
+    """Mount image `reference` from `store` read-only at `mountpoint`.
+
+    Returns once the mount serves requests (a daemon keeps serving it in the background), or, with `foreground`,
+    serves it in this process until it is unmounted. Raises FsError with the reason when it cannot mount.
+    """
+    from .objects import parse_reference
+
+    parse_reference(reference)
+    mountpoint = _canonical(mountpoint)
+    entry = _mount_entry(mountpoint)
+    if entry is not None and entry[1] == FS_TYPE:
+        raise FsError(f"{mountpoint} is already a coldbrew mount")
+    try:
+        if not stat.S_ISDIR(os.stat(mountpoint).st_mode):
+            raise FsError(f"mount point {mountpoint} is not a directory")
+    except FileNotFoundError:
+        raise FsError(f"mount point {mountpoint} does not exist") from None
+    arguments = [reference, mountpoint, "--store", store, "--cache-dir", cache_dir, "--cache-size", str(cache_size),
+                 "--read-ahead-kb", str(read_ahead_kb)]
+    if record_profile:
+        arguments.append("--record-profile")
+    if not prefetch:
+        arguments.append("--no-prefetch")
+    if foreground:
+        code = main(arguments)
+        if code:
+            raise FsError(f"serving {mountpoint} failed; see the log above")
+        return
+    os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
+    log_path = _paths(mountpoint)[2]
+    read_end, write_end = os.pipe()
+    try:
+        with open(log_path, "ab") as log_file:
+            starter = subprocess.Popen(
+                [sys.executable, "-m", "coldbrew.fs.daemon", *arguments, "--ready-fd", str(write_end), "--detach"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file, pass_fds=(write_end,),
+                start_new_session=True)
+        os.close(write_end)
+        write_end = -1
+        starter.wait()  # it forks the daemon and exits at once
+        message = _read_until_eof(read_end, READY_TIMEOUT)
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    if message == b"ready":
+        return
+    if not message:
+        raise FsError(f"the filesystem daemon for {mountpoint} exited before it was ready; see {log_path}")
+    os.unlink(log_path)
+    kind, _, text = message.decode(errors="replace").partition("\n")
+    raise _rebuild(kind, text)
+
+
+def _rebuild(kind: str, text: str) -> FsError:
+    """The daemon's error as the same FsError subclass (BadIndex, BadReference, ...) with its message."""
+    from . import errors
+
+    cls = getattr(errors, kind, FsError)
+    if not (isinstance(cls, type) and issubclass(cls, FsError)):
+        cls = FsError
+    error = cls.__new__(cls)
+    Exception.__init__(error, text)
+    return error
+
+
+def _read_until_eof(fd: int, timeout: float) -> bytes:
+    deadline = time.monotonic() + timeout
+    data = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise FsError(f"the filesystem daemon was not ready after {timeout:.0f} s")
+        part = os.read(fd, 65536)
+        if not part:
+            return data.strip()
+        data += part
+
+
+def _request(mountpoint: str, command: str, timeout: float = 10.0) -> dict:
+    mountpoint = _canonical(mountpoint)
+    state_path, socket_path, _ = _paths(mountpoint)
+    state = _read_state(state_path)
+    if state is None or not _daemon_alive(state):
+        raise FsError(f"no coldbrew filesystem daemon serves {mountpoint}")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        connection.settimeout(timeout)
+        try:
+            connection.connect(socket_path)
+            connection.sendall(command.encode() + b"\n")
+            data = b""
+            while part := connection.recv(65536):
+                data += part
+        except OSError as error:
+            raise FsError(f"the filesystem daemon of {mountpoint} did not answer: {error}") from None
+    return json.loads(data)
+
+
+def mount_stats(mountpoint: str) -> dict:
+    """Counters of a mount: bytes_fetched, chunks_fetched, cache_hits, cache_misses, reads, prefetched_chunks, ..."""
+    return _request(mountpoint, "stats")
+
+
+def save_profile(mountpoint: str) -> int:
+    """Save a recording mount's start-up profile now (also done at unmount); returns how many chunks it holds."""
+    answer = _request(mountpoint, "save-profile")
+    if "error" in answer:
+        raise FsError(answer["error"])
+    return answer["profile_chunks"]
+
+
+def unmount(mountpoint: str) -> None:
+    """Stop the daemon (it saves a recorded profile), unmount, remove the state; also cleans up a dead daemon."""
+    mountpoint = _canonical(mountpoint)
+    state_path, socket_path, log_path = _paths(mountpoint)
+    state = _read_state(state_path)
+    entry = _mount_entry(mountpoint)
+    if state is None and (entry is None or entry[1] != FS_TYPE):
+        raise FsError(f"{mountpoint} is not a coldbrew mount")
+    if state is not None and _daemon_alive(state):
+        _stop(state["pid"])
+    entry = _mount_entry(mountpoint)
+    if entry is not None and entry[1] == FS_TYPE:
+        _detach(mountpoint)
+    for path in (state_path, socket_path, log_path):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _stop(pid: int) -> None:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+        if not select.select([pidfd], [], [], STOP_TIMEOUT)[0]:
+            log.warning("filesystem daemon %d did not stop in %.0f s; killing it", pid, STOP_TIMEOUT)
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            select.select([pidfd], [], [], STOP_TIMEOUT)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(pidfd)
+
+
+def _detach(mountpoint: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+    if libc.umount2(os.fsencode(mountpoint), _MNT_DETACH) != 0:
+        error = ctypes.get_errno()
+        if error != errno.EINVAL:  # EINVAL: not mounted (any more)
+            raise FsError(f"cannot unmount {mountpoint}: {os.strerror(error)}")
+
+
+# --- the daemon's side -----------------------------------------------------------------------------------------
+
+class _Report:
+    """The readiness pipe to `mount`: one message, then closed."""
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+
+    def send(self, message: str) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.write(self._fd, message.encode())
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m coldbrew.fs.daemon")
+    parser.add_argument("reference")
+    parser.add_argument("mountpoint")
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
+    parser.add_argument("--cache-size", type=int, default=DEFAULT_CACHE_SIZE)
+    parser.add_argument("--read-ahead-kb", type=int, default=READ_AHEAD_KB)
+    parser.add_argument("--record-profile", action="store_true")
+    parser.add_argument("--no-prefetch", action="store_true")
+    parser.add_argument("--ready-fd", type=int)
+    parser.add_argument("--detach", action="store_true")
+    args = parser.parse_args(argv)
+    if args.detach and os.fork():
+        os._exit(0)  # the daemon is the grandchild: reparented, nobody has to reap it
+    report = _Report(args.ready_fd)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                            format=f"%(asctime)s coldbrew.fs[{os.getpid()}] %(levelname)s %(message)s")
+    try:
+        server = _Server(args, report)
+    except FsError as error:
+        log.error("%s", error)
+        report.send(f"{type(error).__name__}\n{error}")
+        return 1
+    except Exception as error:
+        log.exception("mounting %s failed", args.mountpoint)
+        report.send(f"FsError\nmounting {args.mountpoint} failed: {error}")
+        return 1
+    return server.run()
+
+
+class _Server:
+    def __init__(self, args: argparse.Namespace, report: _Report) -> None:
+        import pyfuse3
+
+        from .cache import ChunkCache
+        from .fetch import ChunkFetcher
+        from .mount import ImageFs, ProfileRecorder, load_index
+        from .store import open_store
+
+        self.args = args
+        self.report = report
+        self.mountpoint = args.mountpoint
+        self.reference = args.reference.removeprefix("blake3:")
+        self.state_path, self.socket_path, self.log_path = _paths(self.mountpoint)
+        self.store = open_store(args.store)
+        self.cache = ChunkCache(args.cache_dir, args.cache_size)
+        started = time.monotonic()
+        self.index, self._mapped = load_index(self.reference, self.store, self.cache)
+        self.index_seconds = time.monotonic() - started
+        self.fetcher = ChunkFetcher(self.store, self.cache)
+        self.recorder = ProfileRecorder() if args.record_profile else None
+        self.fs = ImageFs(self.index, self.fetcher, recorder=self.recorder)
+        self.prefetcher = None
+        self.saved_profile_chunks = 0
+        os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+        self.listener.bind(self.socket_path)
+        self.listener.listen(16)
+        options = {"fsname=coldbrew", "subtype=coldbrew", "ro", "default_permissions", "noatime"}
+        if os.geteuid() == 0:
+            # Container roots: other users read it, and its setuid programs and device nodes must work.
+            options |= {"allow_other", "suid", "dev"}
+        try:
+            pyfuse3.init(self.fs, self.mountpoint, options)
+        except RuntimeError as error:
+            self.listener.close()
+            raise FsError(f"cannot mount {self.mountpoint}: {error} (see the log)") from None
+        self.mount_seconds = time.monotonic() - started
+
+    def run(self) -> int:
+        import pyfuse3
+        import trio
+
+        code = 0
+        try:
+            trio.run(self._serve)
+        except BaseException:
+            log.exception("the filesystem of %s failed", self.mountpoint)
+            self.report.send(f"FsError\nserving {self.mountpoint} failed; see {self.log_path}")
+            code = 1
+        finally:
+            try:
+                self._save_profile()
+            except FsError:
+                code = 1  # logged; the mount still goes away
+            pyfuse3.close(unmount=True)
+            self.listener.close()
+            self.index.release()
+            self._mapped.close()
+            self.cache.close()
+            for path in (self.state_path, self.socket_path):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        return code
+
+    async def _serve(self) -> None:
+        import trio
+
+        async with trio.open_nursery() as nursery:
+            self.fetcher.attach(nursery)
+            nursery.start_soon(self._fuse_main, nursery.cancel_scope)
+            await self.fs.initialized.wait()
+            self._raise_read_ahead()
+            with open(self.state_path + ".tmp", "w") as file:
+                json.dump({"pid": os.getpid(), "mountpoint": self.mountpoint, "reference": self.reference,
+                           "store": self.store.describe(), "socket": self.socket_path, "log": self.log_path}, file)
+            os.rename(self.state_path + ".tmp", self.state_path)
+            nursery.start_soon(self._signals)
+            nursery.start_soon(self._control)
+            if not self.args.no_prefetch:
+                nursery.start_soon(self._prefetch)
+            log.info("mounted %s at %s (index %d entries, %.3f s)", self.reference, self.mountpoint,
+                     self.index.entries, self.mount_seconds)
+            self.report.send("ready")
+
+    async def _fuse_main(self, scope) -> None:
+        import pyfuse3
+
+        await pyfuse3.main()
+        scope.cancel()  # unmounted: stop the control socket, signals, prefetch
+
+    def _raise_read_ahead(self) -> None:
+        # After INIT: the kernel lowers the bdi's read-ahead to what INIT negotiated when it processes the answer.
+        entry = _mount_entry(self.mountpoint)
+        if entry is None or not self.args.read_ahead_kb:
+            return
+        try:
+            with open(f"/sys/class/bdi/{entry[0]}/read_ahead_kb", "w") as file:
+                file.write(str(self.args.read_ahead_kb))
+        except OSError as error:
+            log.warning("cannot raise read_ahead_kb of %s: %s", self.mountpoint, error)
+
+    async def _signals(self) -> None:
+        import pyfuse3
+        import trio
+
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                log.info("stopping: unmounting %s", self.mountpoint)
+                pyfuse3.terminate()
+                return
+
+    async def _control(self) -> None:
+        import trio
+
+        listener = trio.socket.from_stdlib_socket(self.listener)
+        async with trio.open_nursery() as nursery:
+            while True:
+                connection, _ = await listener.accept()
+                nursery.start_soon(self._answer, connection)
+
+    async def _answer(self, connection) -> None:
+        import trio
+
+        stream = trio.SocketStream(connection)
+        try:
+            async with stream:
+                with trio.move_on_after(10):
+                    request = b""
+                    while not request.endswith(b"\n") and len(request) < 256:
+                        part = await stream.receive_some(256)
+                        if not part:
+                            break
+                        request += part
+                    command = request.strip().decode(errors="replace")
+                    if command == "stats":
+                        answer = await self._stats()
+                    elif command == "save-profile":
+                        answer = await trio.to_thread.run_sync(self._save_profile_answer)
+                    else:
+                        answer = {"error": f"unknown command {command!r}"}
+                    await stream.send_all(json.dumps(answer).encode())
+        except (OSError, trio.BrokenResourceError):
+            pass  # the client went away
+        except Exception:  # a broken answer must not take the filesystem down
+            log.exception("control request failed")
+
+    async def _stats(self) -> dict:
+        import trio
+
+        stats = {"reference": self.reference, "mountpoint": self.mountpoint, "pid": os.getpid(),
+                 "log": self.log_path, "entries": self.index.entries, "mount_seconds": self.mount_seconds,
+                 "index_seconds": self.index_seconds, "reads": self.fs.reads, "read_bytes": self.fs.read_bytes,
+                 "read_ahead_kb": self.args.read_ahead_kb}
+        stats.update(self.fetcher.stats())
+        stats["read_ahead_chunks"] = self.fetcher.background_fetched
+        stats.update({"profile_chunks": 0, "prefetched_chunks": 0, "prefetch_cached": 0, "prefetch_done": False,
+                      "notified_bytes": 0})
+        if self.prefetcher is not None:
+            stats.update(self.prefetcher.stats())
+            # The prefetcher's fetches are background fetches too; read-ahead counts only the rest.
+            stats["read_ahead_chunks"] -= self.prefetcher.prefetched_chunks
+        if self.recorder is not None:
+            stats["recorded_chunks"] = len(self.recorder)
+        stats["cache"] = await trio.to_thread.run_sync(self.cache.stats)
+        return stats
+
+    def _save_profile_answer(self) -> dict:
+        if self.recorder is None:
+            return {"error": f"{self.mountpoint} does not record a profile (mount it with record_profile)"}
+        try:
+            return {"profile_chunks": self._save_profile()}
+        except FsError as error:
+            return {"error": str(error)}
+
+    def _save_profile(self) -> int:
+        if self.recorder is None or not len(self.recorder):
+            return 0
+        count = len(self.recorder)
+        data = self.recorder.serialize()
+        try:
+            self.store.put_named(f"profiles/{self.reference}", data)
+        except Exception as error:  # any store failure: reported, never fatal to the unmount
+            log.error("cannot save the start-up profile of %s: %s", self.reference, error)
+            raise FsError(f"cannot save the start-up profile: {error}") from None
+        log.info("saved a start-up profile of %d chunks for %s", count, self.reference)
+        return count
+
+    async def _prefetch(self) -> None:
+        import trio
+
+        from .mount import Prefetcher, parse_profile
+
+        try:
+            data = await trio.to_thread.run_sync(self.store.get_named, f"profiles/{self.reference}")
+            if data is None:
+                return
+            profile = parse_profile(data, self.index)
+        except Exception as error:  # prefetch is an optimisation: whatever fails, the mount goes on serving
+            log.warning("start-up profile of %s not used: %s", self.reference, error)
+            return
+        self.prefetcher = Prefetcher(self.fs, profile)
+        log.info("prefetching a start-up profile of %d chunks", len(profile))
+        await self.prefetcher.run()
+        log.info("prefetch done: %d fetched, %d already cached", self.prefetcher.prefetched_chunks,
+                 self.prefetcher.prefetch_cached)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

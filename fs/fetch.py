@@ -1,0 +1,201 @@
+"""Chunk fetching for a mount: the local cache first, else the store, once per chunk however many readers wait.
+
+Runs on trio. Everything that blocks (the cache's files and lmdb, the store's I/O, zstd and blake3, which release
+the GIL) runs on worker threads; store fetches are bounded by a capacity limiter, and background fetches
+(read-ahead, profile prefetch) take at most a fraction of it so that a reader always finds a free slot.
+
+Errors never reach a reader as bytes: a chunk that is missing, corrupt or truncated, or a store that cannot be
+reached, is logged with the chunk's digest and answered with EIO; nothing is remembered, so the next read tries
+again and works once the store is back.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections import OrderedDict
+
+import pyfuse3
+import trio
+
+from . import objects
+from .cache import ChunkCache
+from .errors import FsError
+from .store import ChunkStore
+
+log = logging.getLogger("coldbrew.fs")
+
+# Digests known to be in the cache, remembered so read-ahead does not ask the cache again; bounded memory.
+_KNOWN_CACHED_LIMIT = 1 << 20
+# Chunks loaded ahead of a sequential reader wait in memory, up to this many bytes: a warm sequential read is
+# then served from memory while the next chunks' files are read from disk in parallel.
+AHEAD_BYTES = 64 << 20
+
+
+class _Flight:
+    """One fetch of one chunk that any number of readers wait for."""
+
+    __slots__ = ("done", "data", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
+
+
+class ChunkFetcher:
+    """Raw, verified chunk data for a mount. Call from the trio thread only."""
+
+    def __init__(self, store: ChunkStore, cache: ChunkCache, *, concurrency: int = 16,
+                 background_concurrency: int | None = None) -> None:
+        self._store = store
+        self._cache = cache
+        self._limiter = trio.CapacityLimiter(concurrency)
+        self._background = trio.CapacityLimiter(background_concurrency or max(1, concurrency // 4))
+        self._flights: dict[bytes, _Flight] = {}
+        self._known_cached: set[bytes] = set()
+        self._ahead: OrderedDict[bytes, bytes] = OrderedDict()
+        self._ahead_bytes = 0
+        self._loading: set[bytes] = set()
+        self._nursery: trio.Nursery | None = None
+        self.bytes_fetched = 0  # stored (compressed) bytes read from the store
+        self.chunk_bytes_fetched = 0  # raw bytes those chunks hold
+        self.chunks_fetched = 0
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.fetch_errors = 0
+        self.background_fetched = 0
+        self.ahead_hits = 0  # reads served from chunks loaded ahead (those loads count as cache hits or fetches)
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Where background work (read-ahead) runs; without one, read-ahead is skipped."""
+        self._nursery = nursery
+
+    def stats(self) -> dict[str, int]:
+        return {"bytes_fetched": self.bytes_fetched, "chunk_bytes_fetched": self.chunk_bytes_fetched,
+                "chunks_fetched": self.chunks_fetched, "cache_hits": self.cache_hits,
+                "cache_misses": self.cache_misses, "fetch_errors": self.fetch_errors, "ahead_hits": self.ahead_hits,
+                "fetches_in_flight": len(self._flights)}
+
+    async def read(self, digest: bytes, length: int, offset: int, size: int) -> bytes | memoryview:
+        """`size` bytes at `offset` of a chunk of `length` bytes."""
+        ahead = self._ahead.get(digest)
+        if ahead is not None:
+            self.ahead_hits += 1
+            if offset + size >= length:  # read to its end: a sequential reader is done with it
+                self._forget_ahead(digest)
+            return ahead if offset == 0 and size == length else memoryview(ahead)[offset: offset + size]
+        if digest in self._flights:  # being loaded (read-ahead) or fetched: wait for it rather than read twice
+            return memoryview(await self.chunk(digest, length))[offset: offset + size]
+        data = await trio.to_thread.run_sync(self._cache.read, digest, offset, size)
+        if data is not None and len(data) == size:
+            self.cache_hits += 1
+            self._remember_cached(digest)
+            return data
+        return memoryview(await self.chunk(digest, length))[offset: offset + size]
+
+    async def chunk(self, digest: bytes, length: int, *, background: bool = False) -> bytes:
+        """The whole chunk. Raises pyfuse3.FUSEError(EIO) when it cannot be had intact."""
+        flight = self._flights.get(digest)
+        if flight is None:
+            flight = self._flights[digest] = _Flight()
+            try:
+                flight.data = await self._load(digest, length, background)
+            except Exception as error:  # already logged when the store failed; anything else is logged here
+                if not isinstance(error, (FsError, OSError)):
+                    log.error("chunk %s: %r", digest.hex(), error)
+                flight.error = error
+            except BaseException as error:  # cancelled: the waiters must still wake
+                flight.error = error
+                raise
+            finally:
+                del self._flights[digest]
+                flight.done.set()
+            if flight.error is not None:
+                raise pyfuse3.FUSEError(errno.EIO) from flight.error
+            assert flight.data is not None
+            return flight.data
+        await flight.done.wait()
+        if flight.error is not None:
+            raise pyfuse3.FUSEError(errno.EIO)
+        assert flight.data is not None
+        return flight.data
+
+    async def is_cached(self, digest: bytes) -> bool:
+        if digest in self._known_cached:
+            return True
+        present = await trio.to_thread.run_sync(self._cache.__contains__, digest)
+        if present:
+            self._remember_cached(digest)
+        return present
+
+    def read_ahead(self, chunks: list[tuple[bytes, int]]) -> None:
+        """Load (digest, length) chunks that a sequential reader will want next into memory, in the background:
+        from the cache, or fetched from the store (which caches them too)."""
+        if self._nursery is None:
+            return
+        for digest, length in chunks:
+            if digest not in self._ahead and digest not in self._loading:
+                self._loading.add(digest)
+                self._nursery.start_soon(self._read_ahead_one, digest, length)
+
+    async def _read_ahead_one(self, digest: bytes, length: int) -> None:
+        try:
+            data = await self.chunk(digest, length, background=True)
+        except pyfuse3.FUSEError:
+            return  # logged by the fetch; the reader that needs it will try again
+        finally:
+            self._loading.discard(digest)
+        self._ahead[digest] = data
+        self._ahead_bytes += len(data)
+        while self._ahead_bytes > AHEAD_BYTES:
+            self._forget_ahead(next(iter(self._ahead)))
+
+    def _forget_ahead(self, digest: bytes) -> None:
+        data = self._ahead.pop(digest, None)
+        if data is not None:
+            self._ahead_bytes -= len(data)
+
+    def _remember_cached(self, digest: bytes) -> None:
+        if len(self._known_cached) >= _KNOWN_CACHED_LIMIT:
+            self._known_cached.clear()
+        self._known_cached.add(digest)
+
+    async def _load(self, digest: bytes, length: int, background: bool) -> bytes:
+        cached = await trio.to_thread.run_sync(self._cache.get, digest)
+        if cached is not None and len(cached) == length:
+            self.cache_hits += 1
+            self._remember_cached(digest)
+            return cached
+        self.cache_misses += 1
+        try:
+            if background:
+                async with self._background:
+                    stored, raw = await trio.to_thread.run_sync(self._fetch, digest, length, limiter=self._limiter)
+            else:
+                stored, raw = await trio.to_thread.run_sync(self._fetch, digest, length, limiter=self._limiter)
+        except (FsError, OSError) as error:
+            self.fetch_errors += 1
+            log.error("chunk %s: fetch from %s failed: %s", digest.hex(), self._store.describe(), error)
+            raise
+        self.bytes_fetched += stored
+        self.chunk_bytes_fetched += len(raw)
+        self.chunks_fetched += 1
+        if background:
+            self.background_fetched += 1
+        # The chunk enters the cache before its flight ends, so a later reader finds it there, never fetches twice.
+        try:
+            await trio.to_thread.run_sync(self._cache.put, digest, raw)
+        except (FsError, OSError) as error:  # a full or broken cache costs speed, not the read
+            log.warning("chunk %s: not cached: %s", digest.hex(), error)
+        else:
+            self._remember_cached(digest)
+        return raw
+
+    def _fetch(self, digest: bytes, length: int) -> tuple[int, bytes]:
+        """(stored size, raw data) from the store, verified; runs on a worker thread."""
+        stored = self._store.get(digest)
+        raw = objects.decode(digest, stored, length)
+        if len(raw) != length:
+            raise FsError(f"holds {len(raw)} bytes, the index says {length}")
+        return len(stored), raw

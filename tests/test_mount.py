@@ -1,0 +1,597 @@
+"""The lazy image mount through the real kernel: push a tree, mount it with the FUSE daemon, read it back.
+
+Every mount made here is unmounted at teardown, even when a test fails half-way (the `mounts` fixture).
+"""
+
+from __future__ import annotations
+
+import errno
+import http.server
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from coldbrew.fs import objects
+from coldbrew.fs.daemon import STATE_DIR, _detach, _mount_entry, _paths, mount, mount_stats, save_profile, unmount
+from coldbrew.fs.errors import BadReference, FsError
+from coldbrew.fs.index import Index, IndexBuilder
+from coldbrew.fs.push import push
+from coldbrew.fs.store import LocalStore, object_path
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
+                                reason="needs /dev/fuse and root")
+
+SMALL_CHUNK = 128 << 10
+
+
+class Mounts:
+    """Mounts images for one test and takes every one of them down afterwards."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.store = base / "store"
+        self.cache = base / "cache"
+        self.points: list[str] = []
+
+    def mount(self, reference: str, *, name: str = "mnt", store: str | None = None, cache: Path | None = None,
+              **options) -> Path:
+        point = self.base / name
+        point.mkdir(exist_ok=True)
+        self.points.append(str(point))
+        mount(reference, str(point), store=store or str(self.store), cache_dir=str(cache or self.cache), **options)
+        return point
+
+    def unmount(self, point: Path) -> None:
+        unmount(str(point))
+
+    def cleanup(self) -> list[str]:
+        left = []
+        for point in self.points:
+            entry = _mount_entry(point)
+            if entry is not None and entry[1] == "fuse.coldbrew":
+                left.append(point)
+                try:
+                    unmount(point)
+                except FsError:
+                    _detach(point)
+            for path in _paths(point):
+                if os.path.exists(path):
+                    os.unlink(path)
+        return left
+
+
+@pytest.fixture
+def mounts(tmp_path: Path):
+    helper = Mounts(tmp_path)
+    yield helper
+    helper.cleanup()
+    assert all(_mount_entry(point) is None for point in helper.points)
+
+
+def stats_of(point: Path) -> dict:
+    return mount_stats(str(point))
+
+
+# --- comparing trees ---------------------------------------------------------------------------------------------
+
+def describe(root: Path) -> dict[bytes, tuple]:
+    """Everything the mount must reproduce, per relative path; hardlinks as groups of paths."""
+    result = {}
+    inodes: dict[int, list[bytes]] = {}
+    root_b = os.fsencode(root)
+    for directory, dirnames, filenames in os.walk(root_b):
+        for name in dirnames + filenames + ([b"."] if directory == root_b else []):
+            path = os.path.normpath(os.path.join(directory, name))
+            rel = os.path.relpath(path, root_b)
+            st_ = os.lstat(path)
+            kind = stat.S_IFMT(st_.st_mode)
+            extra = None
+            if kind == stat.S_IFREG:
+                with open(path, "rb") as file:
+                    extra = objects.digest_of(file.read())
+            elif kind == stat.S_IFLNK:
+                extra = os.readlink(path)
+            xattrs = {} if kind == stat.S_IFLNK else {
+                name: os.getxattr(path, name, follow_symlinks=False) for name in os.listxattr(path, follow_symlinks=False)}
+            result[rel] = (st_.st_mode, st_.st_uid, st_.st_gid, st_.st_mtime_ns,
+                           st_.st_size if kind in (stat.S_IFREG, stat.S_IFLNK) else None,
+                           st_.st_rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else None,
+                           st_.st_nlink, extra, tuple(sorted(xattrs.items())))
+            if kind != stat.S_IFDIR:
+                inodes.setdefault(st_.st_ino, []).append(rel)
+    result[b"<hardlinks>"] = sorted(sorted(group) for group in inodes.values() if len(group) > 1)
+    return result
+
+
+def assert_same_tree(source: Path, mounted: Path) -> None:
+    expected, got = describe(source), describe(mounted)
+    assert sorted(got) == sorted(expected)
+    for path in expected:
+        assert got[path] == expected[path], path
+
+
+def make_rich_tree(root: Path) -> None:
+    root.mkdir()
+    (root / "empty").write_bytes(b"")
+    (root / "small.txt").write_bytes(b"hello\n")
+    (root / "large.bin").write_bytes(os.urandom(3 * SMALL_CHUNK + 12345))
+    with open(root / "sparse", "wb") as file:
+        file.truncate(5 << 20)
+        file.seek(SMALL_CHUNK * 9 + 100)
+        file.write(b"island")
+        file.seek((5 << 20) - 3)
+        file.write(b"end")
+    odd = os.fsencode(root)
+    for name in (b"sp ace", b"new\nline", b"\xff\xfe latin-1", b"tab\there", "ünïcødé".encode(), b"x" * 255,
+                 b"-dash", b"back\\slash"):
+        with open(os.path.join(odd, name), "wb") as file:
+            file.write(name)
+    deep = root
+    for level in range(40):
+        deep = deep / f"d{level}"
+    deep.mkdir(parents=True)
+    (deep / "bottom").write_text("deep")
+    os.symlink("small.txt", root / "link")
+    os.symlink("/etc/does-not-exist", root / "dangling")
+    os.symlink("d0/d1", root / "dirlink")
+    (root / "links").mkdir()
+    os.link(root / "small.txt", root / "links" / "hard1")
+    os.link(root / "small.txt", root / "d0" / "hard2")
+    os.mkfifo(root / "fifo")
+    os.mknod(root / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.mknod(root / "loop", stat.S_IFBLK | 0o660, os.makedev(7, 0))
+    with socket.socket(socket.AF_UNIX) as unix:
+        unix.bind(str(root / "sock"))
+    os.setxattr(root / "small.txt", "user.comment", b"a value\0with nul")
+    os.setxattr(root / "small.txt", "trusted.other", b"x" * 1000)
+    os.setxattr(root / "links", "user.dir", b"on a directory")
+    suid = root / "suid"
+    suid.write_bytes(b"#!/bin/sh\n")
+    os.chmod(suid, 0o4755)
+    (root / "sticky").mkdir()
+    os.chmod(root / "sticky", 0o1777)
+    os.chown(root / "large.bin", 1234, 5678)
+    os.chmod(root / "empty", 0)
+    os.utime(root / "small.txt", ns=(1, 1_234_567_891_234_567_891))
+    os.utime(root / "links", ns=(1, 86_400_000_000_123))
+
+
+def test_round_trip_rich_tree(mounts: Mounts, tmp_path: Path) -> None:
+    make_rich_tree(tmp_path / "tree")
+    result = push(str(tmp_path / "tree"), LocalStore(str(mounts.store)), chunk_size=SMALL_CHUNK)
+    point = mounts.mount(result.reference)
+    assert_same_tree(tmp_path / "tree", point)
+    # Hardlinks share an inode through the mount, and the sparse file reads back its zeros.
+    assert os.lstat(point / "small.txt").st_ino == os.lstat(point / "links" / "hard1").st_ino
+    assert os.lstat(point / "small.txt").st_nlink == 3
+    assert (point / "sparse").read_bytes() == (tmp_path / "tree" / "sparse").read_bytes()
+    assert os.statvfs(point).f_files == result.entries
+    mounts.unmount(point)
+    assert _mount_entry(str(point)) is None
+    assert not any(os.path.exists(path) for path in _paths(str(point)))
+
+
+def test_writes_fail_with_erofs(mounts: Mounts, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "file").write_text("data")
+    point = mounts.mount(push(str(tree), LocalStore(str(mounts.store))).reference)
+    attempts = [
+        lambda: open(point / "file", "w"),
+        lambda: open(point / "file", "a"),
+        lambda: open(point / "new", "w"),
+        lambda: os.mkdir(point / "dir"),
+        lambda: os.unlink(point / "file"),
+        lambda: os.rename(point / "file", point / "other"),
+        lambda: os.chmod(point / "file", 0o777),
+        lambda: os.utime(point / "file"),
+        lambda: os.setxattr(point / "file", "user.x", b"1"),
+        lambda: os.symlink("x", point / "symlink"),
+        lambda: os.truncate(point / "file", 0),
+    ]
+    for attempt in attempts:
+        with pytest.raises(OSError) as raised:
+            attempt()
+        assert raised.value.errno == errno.EROFS
+    assert (point / "file").read_text() == "data"
+
+
+# --- hypothesis: generated trees ---------------------------------------------------------------------------------
+
+_names = st.binary(min_size=1, max_size=40).filter(lambda n: b"/" not in n and b"\0" not in n and n not in (b".", b".."))
+_files = st.one_of(
+    st.binary(max_size=64).map(lambda data: ("file", data)),
+    st.integers(min_value=0, max_value=3 * SMALL_CHUNK + 7).map(lambda size: ("file", os.urandom(size))),
+    st.integers(min_value=1, max_value=4 * SMALL_CHUNK).map(lambda size: ("sparse", size)),
+    _names.map(lambda target: ("symlink", target)),
+    st.just(("fifo", None)),
+    st.tuples(st.integers(0, 255), st.integers(0, 255)).map(lambda dev: ("chr", dev)),
+)
+_trees = st.recursive(
+    st.dictionaries(_names, _files, max_size=5),
+    lambda children: st.dictionaries(_names, st.one_of(_files, children.map(lambda c: ("dir", c))), max_size=5),
+    max_leaves=20,
+)
+
+
+def _write_tree(root: bytes, spec: dict, draw_meta) -> None:
+    for name, (kind, value) in spec.items():
+        path = os.path.join(root, name)
+        if kind == "dir":
+            os.mkdir(path)
+            _write_tree(path, value, draw_meta)
+        elif kind == "file":
+            with open(path, "wb") as file:
+                file.write(value)
+        elif kind == "sparse":
+            with open(path, "wb") as file:
+                file.truncate(value)
+                file.seek(value // 2)
+                file.write(b"!")
+        elif kind == "symlink":
+            os.symlink(value, path)
+        elif kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "chr":
+            os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(*value))
+        if kind != "symlink":
+            mode, uid, gid, mtime = draw_meta()
+            os.chown(path, uid, gid)
+            os.chmod(path, mode | (0o700 if kind == "dir" else 0))  # directories stay walkable
+            os.utime(path, ns=(0, mtime))
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(spec=_trees, data=st.data())
+def test_round_trip_generated_trees(spec: dict, data: st.DataObject, tmp_path_factory: pytest.TempPathFactory) -> None:
+    base = tmp_path_factory.mktemp("generated")
+    helper = Mounts(base)
+    tree = base / "tree"
+    tree.mkdir()
+    metadata = st.tuples(st.integers(0, 0o7777), st.integers(0, 70000), st.integers(0, 70000),
+                         st.integers(-(10 ** 18), 10 ** 18))
+    _write_tree(os.fsencode(tree), spec, lambda: data.draw(metadata))
+    try:
+        point = helper.mount(push(str(tree), LocalStore(str(helper.store)), chunk_size=SMALL_CHUNK).reference)
+        assert_same_tree(tree, point)
+    finally:
+        helper.cleanup()
+
+
+# --- failures of the store and of chunks --------------------------------------------------------------------------
+
+def _pushed_file(mounts: Mounts, tmp_path: Path, size: int = 4 * SMALL_CHUNK) -> tuple[str, bytes, list]:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    data = os.urandom(size)
+    (tree / "file").write_bytes(data)
+    store = LocalStore(str(mounts.store))
+    reference = push(str(tree), store, chunk_size=SMALL_CHUNK).reference
+    index = Index(objects.decode(bytes.fromhex(reference), store.get(bytes.fromhex(reference)), 1 << 30))
+    return reference, data, index.chunks(index.lookup(1, b"file"))
+
+
+def _pread_chunks(path: Path, chunks: list) -> list[bytes | int]:
+    """Each chunk's bytes read through the mount, or the errno its read failed with."""
+    results: list[bytes | int] = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        for chunk in chunks:
+            try:
+                results.append(os.pread(fd, chunk.length, chunk.offset))
+            except OSError as error:
+                results.append(error.errno)
+    finally:
+        os.close(fd)
+    return results
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated"])
+def test_bad_chunk_gives_eio_and_names_it(mounts: Mounts, tmp_path: Path, damage: str) -> None:
+    reference, data, chunks = _pushed_file(mounts, tmp_path)
+    bad = chunks[2]
+    object_file = mounts.store / object_path(bad.digest)
+    good_bytes = object_file.read_bytes()
+    if damage == "corrupt":  # a well-formed zstd frame of other data under the chunk's name
+        object_file.write_bytes(objects.compress(os.urandom(bad.length)))
+    else:
+        object_file.write_bytes(good_bytes[: len(good_bytes) // 2])
+    point = mounts.mount(reference)
+    results = _pread_chunks(point / "file", chunks)
+    assert results[2] == errno.EIO
+    for k in (0, 1, 3):
+        assert results[k] == data[chunks[k].offset: chunks[k].offset + chunks[k].length]
+    log_text = Path(stats_of(point)["log"]).read_text()
+    assert bad.digest.hex() in log_text
+    assert stats_of(point)["fetch_errors"] >= 1
+    # Nothing bad was remembered: once the store holds the right bytes, the same mount reads them.
+    object_file.write_bytes(good_bytes)
+    assert (point / "file").read_bytes() == data
+
+
+def test_local_store_gone_then_back(mounts: Mounts, tmp_path: Path) -> None:
+    reference, data, chunks = _pushed_file(mounts, tmp_path)
+    point = mounts.mount(reference)
+    moved = tmp_path / "store-away"
+    os.rename(mounts.store, moved)
+    try:
+        with pytest.raises(OSError) as raised:
+            (point / "file").read_bytes()
+        assert raised.value.errno == errno.EIO
+    finally:
+        os.rename(moved, mounts.store)
+    assert (point / "file").read_bytes() == data
+
+
+class _CountingServer:
+    """A static HTTP server over a store directory that counts GETs per path; stops and starts on one port."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.gets: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.port = 0
+        self.server: http.server.ThreadingHTTPServer | None = None
+
+    def start(self) -> None:
+        outer = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs) -> None:
+                super().__init__(*args, directory=str(outer.root), **kwargs)
+
+            def do_GET(self) -> None:
+                with outer.lock:
+                    outer.gets[self.path] = outer.gets.get(self.path, 0) + 1
+                super().do_GET()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        http.server.ThreadingHTTPServer.allow_reuse_address = True
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+def http_store(mounts: Mounts):
+    server = _CountingServer(mounts.store)
+    mounts.store.mkdir(exist_ok=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_http_store_dead_then_back(mounts: Mounts, tmp_path: Path, http_store: _CountingServer) -> None:
+    reference, data, chunks = _pushed_file(mounts, tmp_path)
+    point = mounts.mount(reference, store=http_store.url)
+    http_store.stop()
+    started = time.monotonic()
+    with pytest.raises(OSError) as raised:
+        (point / "file").read_bytes()
+    assert raised.value.errno == errno.EIO
+    assert time.monotonic() - started < 30  # bounded retries, not a hang
+    http_store.start()  # same port
+    assert (point / "file").read_bytes() == data
+
+
+def test_concurrent_readers_fetch_each_chunk_once(mounts: Mounts, tmp_path: Path, http_store: _CountingServer) -> None:
+    reference, data, chunks = _pushed_file(mounts, tmp_path, size=16 * SMALL_CHUNK + 999)
+    point = mounts.mount(reference, store=http_store.url, cache=tmp_path / "cold-cache")
+    http_store.gets.clear()
+    barrier = threading.Barrier(32)
+    results: list[bytes | None] = [None] * 32
+
+    def reader(k: int) -> None:
+        fd = os.open(point / "file", os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # small, distinct requests: they race in the daemon
+            barrier.wait()
+            pieces = {}
+            order = list(range(0, len(data), 16384))
+            order = order[k % len(order):] + order[: k % len(order)]
+            for offset in order:
+                pieces[offset] = os.pread(fd, 16384, offset)
+            results[k] = b"".join(pieces[offset] for offset in sorted(pieces))
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert all(result == data for result in results)
+    chunk_paths = {"/" + object_path(chunk.digest) for chunk in chunks}
+    assert {path: count for path, count in http_store.gets.items() if path in chunk_paths} == \
+        {path: 1 for path in chunk_paths}
+    stats = stats_of(point)
+    assert stats["chunks_fetched"] == len(chunks) and stats["cache_misses"] == len(chunks)
+
+
+def test_kill_during_reads_then_remount(mounts: Mounts, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for k in range(4):
+        (tree / f"file{k}").write_bytes(os.urandom(40 * SMALL_CHUNK))
+    reference = push(str(tree), LocalStore(str(mounts.store)), chunk_size=SMALL_CHUNK).reference
+    point = mounts.mount(reference)
+    pid = stats_of(point)["pid"]
+    readers = [subprocess.Popen(["cat", str(point / f"file{k}")], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL) for k in range(4)]
+    deadline = time.monotonic() + 10
+    while stats_of(point)["chunks_fetched"] < 20 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(pid, signal.SIGKILL)
+    for reader in readers:
+        reader.wait(30)
+    with pytest.raises(OSError) as raised:
+        os.listdir(point)
+    assert raised.value.errno == errno.ENOTCONN
+    mounts.unmount(point)  # cleans the dead mount
+    assert _mount_entry(str(point)) is None
+    point = mounts.mount(reference)
+    assert_same_tree(tree, point)
+
+
+# --- hostile indexes -----------------------------------------------------------------------------------------------
+
+def _store_raw_index(store: LocalStore, data: bytes) -> str:
+    digest, stored = objects.encode(data)
+    store.put(digest, stored)
+    return digest.hex()
+
+
+def _hostile_indexes() -> dict[str, bytes]:
+    def tree(*children: tuple[bytes, int], extra=None) -> bytes:
+        builder = IndexBuilder()
+        root = builder.add(mode=stat.S_IFDIR | 0o755)
+        for _ in range(3):
+            builder.add(mode=stat.S_IFDIR | 0o755, parent=root)
+        if extra:
+            extra(builder)
+        builder.set_children(root, list(children))
+        return builder.build()
+
+    def cycle(builder: IndexBuilder) -> None:
+        builder.set_children(2, [(b"down", 3)])
+        builder.set_children(3, [(b"up", 2)])
+
+    valid = tree((b"a", 2))
+    return {
+        "slash": tree((b"a/b", 2)),
+        "dotdot": tree((b"..", 2)),
+        "cycle": tree((b"a", 2), extra=cycle),
+        "out-of-range inode": _edited(valid, column=("dirent_ino", 0, 99)),
+        "huge entry count": _edited(valid, entries=1 << 28),
+        "huge directory": _edited(valid, column=("ref_count", 0, 0xFFFFFFFF)),
+        "not an index": os.urandom(4096),
+    }
+
+
+def _edited(data: bytes, *, entries: int | None = None, column: tuple[str, int, int] | None = None) -> bytes:
+    """A built index with its header's entry count, or one 32-bit value of a column, replaced."""
+    magic = data[:8]
+    header_len = int.from_bytes(data[8:12], "little")
+    header = json.loads(data[12: 12 + header_len])
+    body = bytearray(data[12 + header_len:])
+    if entries is not None:
+        header["entries"] = entries
+    if column is not None:
+        name, row, value = column
+        offset = header["columns"][name][0] + 4 * row
+        body[offset: offset + 4] = value.to_bytes(4, "little")
+    text = json.dumps(header).encode()
+    text += b" " * (-(12 + len(text)) % 8)
+    return magic + len(text).to_bytes(4, "little") + text + bytes(body)
+
+
+@pytest.mark.parametrize("case", list(_hostile_indexes()))
+def test_hostile_index_refused(mounts: Mounts, case: str) -> None:
+    reference = _store_raw_index(LocalStore(str(mounts.store)), _hostile_indexes()[case])
+    with pytest.raises(FsError) as raised:
+        mounts.mount(reference)
+    assert str(raised.value).startswith("image index:"), str(raised.value)
+    point = str(mounts.base / "mnt")
+    assert _mount_entry(point) is None
+    assert not any(os.path.exists(path) for path in _paths(point))
+
+
+def test_unknown_reference_refused(mounts: Mounts) -> None:
+    mounts.store.mkdir()
+    with pytest.raises(BadReference):
+        mounts.mount("ab" * 32)
+    with pytest.raises(BadReference):
+        mounts.mount("not-a-reference")
+    assert _mount_entry(str(mounts.base / "mnt")) is None
+
+
+# --- profiles, counters, listings ------------------------------------------------------------------------------
+
+def test_profile_recorded_then_prefetched(mounts: Mounts, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for k in range(6):
+        (tree / f"file{k}").write_bytes(os.urandom(3 * SMALL_CHUNK))
+    reference = push(str(tree), LocalStore(str(mounts.store)), chunk_size=SMALL_CHUNK).reference
+    point = mounts.mount(reference, record_profile=True, cache=tmp_path / "cache1")
+    (point / "file1").read_bytes()
+    (point / "file4").read_bytes()
+    assert save_profile(str(point)) == 6
+    mounts.unmount(point)
+    assert (mounts.store / "named" / "profiles" / reference).exists()
+
+    point = mounts.mount(reference, cache=tmp_path / "cache2")  # cold: prefetches the profile
+    deadline = time.monotonic() + 20
+    while not (stats := stats_of(point))["prefetch_done"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert stats["profile_chunks"] == 6 and stats["prefetched_chunks"] == 6
+    assert (point / "file1").read_bytes() == (tree / "file1").read_bytes()
+    after = stats_of(point)
+    assert after["chunks_fetched"] == 6  # the reads found everything in the cache
+    assert after["cache_hits"] >= 3
+
+
+def test_stats_count_fetches_and_hits(mounts: Mounts, tmp_path: Path) -> None:
+    reference, data, chunks = _pushed_file(mounts, tmp_path)
+    point = mounts.mount(reference, prefetch=False)
+    before = stats_of(point)
+    assert before["chunks_fetched"] == before["bytes_fetched"] == before["reads"] == 0
+    assert (point / "file").read_bytes() == data
+    stats = stats_of(point)
+    assert stats["chunks_fetched"] == len(chunks)
+    assert stats["bytes_fetched"] == sum((mounts.store / object_path(c.digest)).stat().st_size for c in chunks)
+    assert stats["read_bytes"] == len(data) and stats["reads"] >= 1
+    mounts.unmount(point)
+    point = mounts.mount(reference, prefetch=False)  # a new mount: the kernel's page cache is per mount
+    assert (point / "file").read_bytes() == data
+    stats = stats_of(point)
+    assert stats["chunks_fetched"] == 0 and stats["cache_hits"] >= len(chunks)
+
+
+def test_readdir_many_entries(mounts: Mounts, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    names = [f"entry-{k:05d}-{'x' * (k % 50)}" for k in range(5000)]
+    for name in names:
+        (tree / name).touch()
+    point = mounts.mount(push(str(tree), LocalStore(str(mounts.store))).reference)
+    assert sorted(os.listdir(point)) == sorted(names)
+    with os.scandir(point) as listing:
+        assert sum(1 for _ in listing) == 5000
+    assert os.lstat(point / names[4321]).st_size == 0
+
+
+def test_mount_errors_are_clear(mounts: Mounts, tmp_path: Path) -> None:
+    reference, _, _ = _pushed_file(mounts, tmp_path)
+    with pytest.raises(FsError, match="does not exist"):
+        mount(reference, str(tmp_path / "missing"), store=str(mounts.store), cache_dir=str(mounts.cache))
+    point = mounts.mount(reference)
+    with pytest.raises(FsError, match="already a coldbrew mount"):
+        mount(reference, str(point), store=str(mounts.store), cache_dir=str(mounts.cache))
+    with pytest.raises(FsError, match="not a coldbrew mount"):
+        unmount(str(tmp_path))
+    state = json.loads(Path(_paths(str(point))[0]).read_text())
+    assert state["reference"] == reference and state["mountpoint"] == str(point)
+    assert os.path.dirname(_paths(str(point))[0]) == STATE_DIR
