@@ -1,4 +1,4 @@
-"""`python -m coldbrew.bench startup [--runs N] [--warmup W] [--json FILE]`: benchmarks beside the peers."""
+"""`python -m coldbrew.bench startup|fs|chunking ...`: benchmarks beside the peers."""
 
 from __future__ import annotations
 
@@ -28,7 +28,23 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("before", help="a tree")
     c.add_argument("after", help="the same tree with a change (e.g. one more pip package)")
     c.add_argument("--command", help="a command run chrooted in AFTER from a cold page cache: its working set")
+    f = benches.add_parser("fs", help="the lazy image filesystem beside download+unpack and local disk "
+                                       "(builds a Debian + PyTorch tree first; minutes)")
+    f.add_argument("--runs", type=int, default=3, help="rounds per scenario; default 3")
+    f.add_argument("--command", action="append", choices=["print(1)", "import numpy", "import torch"],
+                   help="only these start-up commands (repeatable; default all three)")
+    f.add_argument("--json", metavar="FILE", help="also write every row, with its samples, to FILE")
     return p
+
+
+def _fs(args: argparse.Namespace) -> int:
+    from .fsbench import run_fsbench
+
+    result = run_fsbench(args.runs, args.command, progress=lambda text: sys.stderr.write(text + "\n"))
+    sys.stdout.write(render_table(result))
+    if args.json:
+        result.write_json(args.json)
+    return 0
 
 
 def _chunking(args: argparse.Namespace) -> int:
@@ -50,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.bench == "chunking":
         return _chunking(args)
+    if args.bench == "fs":
+        return _fs(args)
     try:
         peers = default_peers(runc=args.runc, coldbrew=args.coldbrew, floors=args.floors)
         result = run_startup(args.runs, args.warmup, peers=peers, workdir_parent=args.workdir, seed=args.seed,

@@ -60,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     stats = commands.add_parser("stats", parents=[output], help="bytes fetched, cache hits, chunks of a mount")
     stats.add_argument("mountpoint")
 
+    serve = commands.add_parser("serve", help="run this host's mount server: mounts fork from it, ready in ms "
+                                              "(runs until SIGTERM; without it each mount starts a new process)")
+    serve.add_argument("--socket", default=None, help="where it listens (default $COLDBREW_MOUNT_SERVER or /run/coldbrew/fs/mount-server.sock)")
+
     rootfs = commands.add_parser("rootfs", parents=[store, cache],
                                  help="a writable container root (overlayfs over the image) in DIR/rootfs")
     rootfs.add_argument("reference")
@@ -142,6 +146,12 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .daemon import MOUNT_SERVER_SOCKET, serve_mounts
+
+    return serve_mounts(args.socket or MOUNT_SERVER_SOCKET)
+
+
 def _rootfs(args: argparse.Namespace) -> int:
     from .rootfs import create_root
 
@@ -156,7 +166,7 @@ def _remove_rootfs(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"push": _push, "mount": _mount, "umount": _umount, "stats": _stats, "rootfs": _rootfs,
+_COMMANDS = {"push": _push, "mount": _mount, "umount": _umount, "stats": _stats, "serve": _serve, "rootfs": _rootfs,
              "rm-rootfs": _remove_rootfs}
 
 

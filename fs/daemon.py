@@ -31,6 +31,8 @@ from .cache import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
 from .errors import FsError
 
 STATE_DIR = "/run/coldbrew/fs"
+# A host's mount server (`coldbrew fs serve`): when it listens here, mounts are forked from it.
+MOUNT_SERVER_SOCKET = os.environ.get("COLDBREW_MOUNT_SERVER", os.path.join(STATE_DIR, "mount-server.sock"))
 FS_TYPE = "fuse.coldbrew"
 # The kernel's read-ahead for the mount (its bdi's read_ahead_kb); FUSE's default of 128 KiB makes 128 KiB
 # requests and halves sequential throughput. Measured in tests/test_mount.py's throughput check.
@@ -92,12 +94,17 @@ def _read_state(path: str) -> dict | None:
         return None
 
 
+def _start_time(pid: int | str) -> int:
+    """A process's start time in clock ticks since boot: with the pid, it names one process (pids are reused)."""
+    with open(f"/proc/{pid}/stat", "rb") as file:
+        return int(file.read().rpartition(b")")[2].split()[19])
+
+
 def _daemon_alive(state: dict) -> bool:
     """Whether the state's pid is still our daemon (not a recycled pid)."""
     try:
-        with open(f"/proc/{state['pid']}/cmdline", "rb") as file:
-            return b"coldbrew.fs.daemon" in file.read()
-    except (FileNotFoundError, ProcessLookupError, KeyError):
+        return _start_time(state["pid"]) == state["start_time"]
+    except (FileNotFoundError, ProcessLookupError, KeyError, ValueError):
         return False
 
 
@@ -121,6 +128,8 @@ def mount(reference: str, mountpoint: str, *, store: str, cache_dir: str = DEFAU
             raise FsError(f"mount point {mountpoint} is not a directory")
     except FileNotFoundError:
         raise FsError(f"mount point {mountpoint} does not exist") from None
+    if not store.startswith(("http://", "https://")):
+        store = os.path.abspath(store)  # the daemon may run elsewhere (a mount server) with another cwd
     arguments = [reference, mountpoint, "--store", store, "--cache-dir", cache_dir, "--cache-size", str(cache_size),
                  "--read-ahead-kb", str(read_ahead_kb)]
     if record_profile:
@@ -136,14 +145,16 @@ def mount(reference: str, mountpoint: str, *, store: str, cache_dir: str = DEFAU
     log_path = _paths(mountpoint)[2]
     read_end, write_end = os.pipe()
     try:
-        with open(log_path, "ab") as log_file:
-            starter = subprocess.Popen(
-                [sys.executable, "-m", "coldbrew.fs.daemon", *arguments, "--ready-fd", str(write_end), "--detach"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file, pass_fds=(write_end,),
-                start_new_session=True)
+        if not _ask_mount_server(arguments, log_path, write_end):
+            with open(log_path, "ab") as log_file:
+                starter = subprocess.Popen(
+                    [sys.executable, "-m", "coldbrew.fs.daemon", *arguments, "--ready-fd", str(write_end),
+                     "--detach"],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file, pass_fds=(write_end,),
+                    start_new_session=True)
+            starter.wait()  # it forks the daemon and exits at once
         os.close(write_end)
         write_end = -1
-        starter.wait()  # it forks the daemon and exits at once
         message = _read_until_eof(read_end, READY_TIMEOUT)
     finally:
         os.close(read_end)
@@ -156,6 +167,18 @@ def mount(reference: str, mountpoint: str, *, store: str, cache_dir: str = DEFAU
     os.unlink(log_path)
     kind, _, text = message.decode(errors="replace").partition("\n")
     raise _rebuild(kind, text)
+
+
+def _ask_mount_server(arguments: list[str], log_path: str, ready_fd: int) -> bool:
+    """Have a running mount server (`serve_mounts`) fork the daemon; False when there is none."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        try:
+            connection.connect(MOUNT_SERVER_SOCKET)
+            socket.send_fds(connection, [json.dumps({"arguments": arguments, "log": log_path}).encode()],
+                            [ready_fd])
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+    return True
 
 
 def _rebuild(kind: str, text: str) -> FsError:
@@ -312,6 +335,90 @@ def main(argv: list[str] | None = None) -> int:
     return server.run()
 
 
+def serve_mounts(socket_path: str = MOUNT_SERVER_SOCKET) -> int:
+    """Serve mount requests until SIGTERM or SIGINT: each mount's daemon is forked from this process.
+
+    A daemon started from scratch spends most of its start importing trio, pyfuse3 and lmdb (a quarter to half a
+    second with a cold page cache, more than the rest of a container's start); forked from here it starts with
+    them loaded. No thread and no event loop runs here, so forking is safe; children are reaped by the kernel.
+    """
+    import pyfuse3  # noqa: F401  (loaded before forking is the point)
+    import trio  # noqa: F401
+
+    from . import cache, fetch, mount, store  # noqa: F401
+
+    os.makedirs(os.path.dirname(socket_path), mode=0o700, exist_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(socket_path)
+        raise FsError(f"a mount server already listens on {socket_path}")
+    except (FileNotFoundError, ConnectionRefusedError):
+        pass
+    finally:
+        probe.close()
+    try:
+        os.unlink(socket_path)  # a stale socket of a server that died
+    except FileNotFoundError:
+        pass
+    listener.bind(socket_path)
+    listener.listen(64)
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the daemons
+    try:
+        while True:
+            connection, _ = listener.accept()
+            with connection:
+                fds: list[int] = []
+                try:
+                    message, fds, _, _ = socket.recv_fds(connection, 1 << 16, 1)
+                    request = json.loads(message)
+                    arguments, log_path = list(map(str, request["arguments"])), str(request["log"])
+                    if len(fds) != 1:
+                        raise ValueError(f"{len(fds)} file descriptors instead of the readiness pipe")
+                except (OSError, ValueError, KeyError, TypeError) as error:
+                    log.warning("a bad mount request: %s", error)
+                    for fd in fds:
+                        os.close(fd)
+                    continue
+                if os.fork() == 0:
+                    listener.close()
+                    _become_daemon(arguments, log_path, fds[0])
+                os.close(fds[0])
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        listener.close()
+        try:
+            os.unlink(socket_path)
+        except FileNotFoundError:
+            pass
+
+
+def _become_daemon(arguments: list[str], log_path: str, ready_fd: int) -> None:
+    """In a child of the mount server: a session of its own, stdio to the mount's log, then serve the mount."""
+    code = 1
+    try:
+        for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_DFL)
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.dup2(log_fd, 2)
+        os.close(null)
+        os.close(log_fd)
+        code = main([*arguments, "--ready-fd", str(ready_fd)])
+    finally:
+        os._exit(code)
+
+
 class _Server:
     def __init__(self, args: argparse.Namespace, report: _Report) -> None:
         import pyfuse3
@@ -392,7 +499,7 @@ class _Server:
             await self.fs.initialized.wait()
             self._raise_read_ahead()
             with open(self.state_path + ".tmp", "w") as file:
-                json.dump({"pid": os.getpid(), "mountpoint": self.mountpoint, "reference": self.reference,
+                json.dump({"pid": os.getpid(), "start_time": _start_time("self"), "mountpoint": self.mountpoint, "reference": self.reference,
                            "store": self.store.describe(), "socket": self.socket_path, "log": self.log_path}, file)
             os.rename(self.state_path + ".tmp", self.state_path)
             nursery.start_soon(self._signals)

@@ -188,7 +188,12 @@ class ImageFs(pyfuse3.Operations):
             if found is None:
                 if not stat.S_ISDIR(self.index.mode(parent_inode)):
                     raise pyfuse3.FUSEError(errno.ENOTDIR)
-                raise pyfuse3.FUSEError(errno.ENOENT)
+                # Inode 0 with a timeout: the kernel caches the miss (the image never changes). Python's import
+                # system probes many names that do not exist; each would otherwise come here every time.
+                missing = pyfuse3.EntryAttributes()
+                missing.st_ino = 0
+                missing.entry_timeout = TIMEOUT
+                return missing
             ino = found
         self.lookups[ino] = self.lookups.get(ino, 0) + 1
         return self._entry(ino)

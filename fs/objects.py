@@ -6,6 +6,8 @@ object read back is decompressed (bounded by the size the reader expects) and ha
 
 from __future__ import annotations
 
+import threading
+
 import blake3
 import zstandard
 
@@ -24,9 +26,17 @@ def digest_of(data: bytes | memoryview) -> bytes:
     return blake3.blake3(data).digest()
 
 
+_per_thread = threading.local()
+
+
 def compress(data: bytes | memoryview, level: int = COMPRESSION_LEVEL) -> bytes:
-    # write_content_size lets a reader see the frame's claimed size before it allocates anything.
-    return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
+    # A compressor per thread and level: making one allocates its context (as much work as a small file's data).
+    compressors = _per_thread.__dict__.setdefault("compressors", {})
+    compressor = compressors.get(level)
+    if compressor is None:
+        # write_content_size lets a reader see the frame's claimed size before it allocates anything.
+        compressor = compressors[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return compressor.compress(data)
 
 
 def encode(data: bytes | memoryview, level: int = COMPRESSION_LEVEL) -> tuple[bytes, bytes]:

@@ -87,12 +87,12 @@ def _data_regions(fd: int, size: int) -> list[tuple[int, int]]:
     return regions
 
 
-def _push_file(path: bytes, size: int, chunk_size: int, uploader: _Uploader,
+def _push_file(path: bytes, size: int, sparse: bool, chunk_size: int, uploader: _Uploader,
                progress: Callable[[int], None] | None) -> list[Chunk]:
     chunks = []
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        for start, end in _data_regions(fd, size):
+        for start, end in _data_regions(fd, size) if sparse else ((0, size),):
             offset = start
             while offset < end:
                 length = min(chunk_size, end - offset)
@@ -106,6 +106,11 @@ def _push_file(path: bytes, size: int, chunk_size: int, uploader: _Uploader,
     finally:
         os.close(fd)
     return chunks
+
+
+def _push_files(batch: list[tuple[int, bytes, int, bool]], chunk_size: int, uploader: _Uploader,
+                progress: Callable[[int], None] | None) -> list[tuple[int, list[Chunk]]]:
+    return [(ino, _push_file(path, size, sparse, chunk_size, uploader, progress)) for ino, path, size, sparse in batch]
 
 
 def _xattrs(path: bytes) -> list[tuple[bytes, bytes]]:
@@ -136,7 +141,7 @@ def push(tree: str, store: ChunkStore, *, chunk_size: int = DEFAULT_CHUNK_SIZE, 
     uploader = _Uploader(store, level)
 
     # Walk first (inode numbers in breadth-first order, each directory's children contiguous), then store data.
-    files: list[tuple[int, bytes, int]] = []  # (inode, path, size)
+    files: list[tuple[int, bytes, int, bool]] = []  # (inode, path, size, maybe sparse)
     hardlinks: dict[tuple[int, int], int] = {}
 
     def add(path: bytes, st: os.stat_result, parent: int) -> int:
@@ -169,7 +174,8 @@ def push(tree: str, store: ChunkStore, *, chunk_size: int = DEFAULT_CHUNK_SIZE, 
                 if stat.S_ISDIR(st.st_mode):
                     next_level.append((entry.path, ino))
                 elif stat.S_ISREG(st.st_mode) and st.st_size:
-                    files.append((ino, entry.path, st.st_size))
+                    # Only a file with fewer blocks than its size can have holes worth looking for.
+                    files.append((ino, entry.path, st.st_size, st.st_blocks * 512 < st.st_size))
                     total += st.st_size
             builder.set_children(directory_ino, children)
         pending = next_level
@@ -186,14 +192,23 @@ def push(tree: str, store: ChunkStore, *, chunk_size: int = DEFAULT_CHUNK_SIZE, 
 
     file_bytes = 0
     with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 2) as pool:
-        futures = [(ino, pool.submit(_push_file, path, size, chunk_size, uploader, advance if progress else None))
-                   for ino, path, size in files]
+        # Small files go in batches: a task per 4 KiB header file costs more in the pool than its own work.
+        batches: list[list] = [[]]
+        batch_bytes = 0
+        for file in files:
+            if batch_bytes >= 4 * chunk_size or len(batches[-1]) >= 256:
+                batches.append([])
+                batch_bytes = 0
+            batches[-1].append(file)
+            batch_bytes += file[2]
+        futures = [pool.submit(_push_files, batch, chunk_size, uploader, advance if progress else None)
+                   for batch in batches if batch]
         chunk_refs = 0
-        for ino, future in futures:
-            chunks = future.result()
-            builder.set_chunks(ino, chunks)
-            chunk_refs += len(chunks)
-            file_bytes += sum(chunk.length for chunk in chunks)
+        for future in futures:
+            for ino, chunks in future.result():
+                builder.set_chunks(ino, chunks)
+                chunk_refs += len(chunks)
+                file_bytes += sum(chunk.length for chunk in chunks)
 
     index = builder.build()
     digest, stored = objects.encode(index, level)

@@ -47,6 +47,7 @@ class LocalStore:
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
         os.makedirs(self.root, exist_ok=True)
+        self._directories: set[str] = set()  # shard directories known to exist
 
     def describe(self) -> str:
         return self.root
@@ -65,7 +66,10 @@ class LocalStore:
         path = os.path.join(self.root, object_path(digest))
         if os.path.exists(path):
             return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        directory = os.path.dirname(path)
+        if directory not in self._directories:
+            os.makedirs(directory, exist_ok=True)
+            self._directories.add(directory)
         # A unique temporary name per writer, then rename: concurrent pushes of one object never tear it.
         temporary = f"{path}.{os.getpid()}.{id(stored):x}.tmp"
         with open(temporary, "wb") as file:

@@ -1,4 +1,5 @@
-"""The demo: build a busybox-static bundle with resource limits and run it with `coldbrew run`."""
+"""The demo: build a busybox-static bundle with resource limits and run it with `coldbrew run`; then push the same
+tree into a content-addressed store and run a container from the image reference on a lazy, writable root."""
 
 from __future__ import annotations
 
@@ -32,8 +33,35 @@ def main() -> int:
         config["linux"]["resources"].update({"memory": {"limit": 64 * 2**20}, "pids": {"limit": 64},
                                              "cpu": {"quota": 50000, "period": 100000}})
         write_bundle(Path(tmp), config)
-        print(f"$ coldbrew run --bundle {tmp} demo-{os.getpid()}", flush=True)
-        return subprocess.run([coldbrew, "run", "--bundle", tmp, f"demo-{os.getpid()}"]).returncode
+        code = shell([coldbrew, "run", "--bundle", tmp, f"demo-{os.getpid()}"])
+        if code:
+            return code
+
+        store, root = f"{tmp}/store", f"{tmp}/image-root"
+        reference = shell([coldbrew, "fs", "push", "--store", store, str(rootfs)], capture=True)
+        shell([coldbrew, "fs", "rootfs", reference, root, "--store", store, "--cache", f"{tmp}/cache"], capture=True)
+        try:
+            config["root"] = {"path": f"{root}/rootfs", "readonly": False}
+            config["process"]["args"] = ["sh", "-c", "echo '== from image': && ls / && echo written > /hello"]
+            image_bundle = Path(tmp) / "image-bundle"
+            image_bundle.mkdir()
+            write_bundle(image_bundle, config)
+            code = shell([coldbrew, "run", "--bundle", str(image_bundle), f"demo-image-{os.getpid()}"])
+            shell([coldbrew, "fs", "stats", f"{root}/image"])
+            print(f"== the container's write landed in its own layer: {root}/upper/hello", flush=True)
+        finally:
+            shell([coldbrew, "fs", "rm-rootfs", root])
+        return code
+
+
+def shell(argv: list[str], capture: bool = False) -> str | int:
+    """Run a command, showing it first; returns its output (capture) or its exit status."""
+    print("$ " + " ".join(argv).replace(str(Path(argv[0]).parent) + "/", ""), flush=True)
+    if capture:
+        output = subprocess.run(argv, check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
+        print(output, flush=True)
+        return output
+    return subprocess.run(argv).returncode
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import time
 
 import pytest
 
@@ -86,3 +88,32 @@ def test_errors_are_one_clear_line(tmp_path, pushed):
     assert not mounts_under(tmp_path)
     result = fs("mount", reference, str(tmp_path / "nowhere"), "--store", str(store), check=False)
     assert result.returncode == 1 and "nowhere" in result.stderr
+
+
+def test_mounts_fork_from_the_mount_server(tmp_path, pushed, rootfs, monkeypatch):
+    store, reference = pushed
+    socket_path = tmp_path / "mount-server.sock"
+    monkeypatch.setenv("COLDBREW_MOUNT_SERVER", str(socket_path))
+    server = subprocess.Popen([COLDBREW, "fs", "serve"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    try:
+        deadline = time.monotonic() + 30
+        while not socket_path.exists():
+            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
+            time.sleep(0.02)
+        second = fs("serve", check=False)
+        assert second.returncode == 1 and "already listens" in second.stderr
+        fs("mount", reference, str(mountpoint), "--store", str(store), "--cache", str(tmp_path / "cache"))
+        daemon = json.loads(fs("stats", "--json", str(mountpoint)).stdout)["pid"]
+        with open(f"/proc/{daemon}/stat") as stat_file:
+            parent = int(stat_file.read().rpartition(")")[2].split()[1])
+        assert parent == server.pid  # forked by the server, not started from scratch
+        assert (mountpoint / "bin" / "busybox").read_bytes() == (rootfs / "bin" / "busybox").read_bytes()
+        bad = fs("mount", "e" * 64, str(tmp_path), "--store", str(store), check=False)
+        assert bad.returncode == 1 and "e" * 64 in bad.stderr  # errors come back through the server's child too
+    finally:
+        fs("umount", str(mountpoint), check=False)
+        server.terminate()
+        assert server.wait(10) == 0
+    assert not socket_path.exists() and not mounts_under(tmp_path)
