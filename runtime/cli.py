@@ -38,6 +38,22 @@ _CREATE_OPTIONS = (
     Option("--no-new-keyring", "no_new_keyring", help="accepted for runc compatibility"),
     Option("--preserve-fds", "preserve_fds", value=True, default="0", help="pass N more fds (from 3 on)"),
 )
+# runc's checkpoint/restore flags; those CRIU features coldbrew does not drive are refused when given
+_CRIU_OPTIONS = (
+    Option("--image-path", "image_path", value=True, help="the checkpoint's directory (default ./checkpoint)"),
+    Option("--work-path", "work_path", value=True, help="where CRIU writes its log (checkpoint: the image path by default)"),
+    Option("--tcp-established", "tcp_established", help="include established TCP connections"),
+    Option("--ext-unix-sk", "ext_unix_sk", help="allow unix sockets connected outside the container"),
+    Option("--shell-job", "shell_job", help="the container runs in a terminal outside it"),
+    Option("--file-locks", "file_locks", help="include file locks"),
+    Option("--manage-cgroups-mode", "manage_cgroups_mode", value=True, default="",
+           help="soft, full, strict or ignore (CRIU's default: soft)"),
+    Option("--empty-ns", "empty_ns", repeat=True, help="not supported"),
+    Option("--page-server", "page_server", value=True, help="not supported"),
+    Option("--lazy-pages", "lazy_pages", help="not supported"),
+    Option("--status-fd", "status_fd", value=True, help="not supported"),
+    Option("--auto-dedup", "auto_dedup", help="not supported"),
+)
 _RESOURCE_FLAGS = {"memory": ("memory", "limit"), "memory-swap": ("memory", "swap"),
                    "memory-reservation": ("memory", "reservation"), "cpu-shares": ("cpu", "shares"),
                    "cpu-quota": ("cpu", "quota"), "cpu-period": ("cpu", "period"),
@@ -99,6 +115,18 @@ def _verbs() -> dict[str, Verb]:
             Option("--gateway", "gateway", value=True, help="the bridge's address and the default route"),
             Option("--ifname", "ifname", value=True, default="eth0", help="the interface in the container")),
              positionals=("action", "id")),
+        Verb("checkpoint", _checkpoint, "checkpoint a running container with CRIU", _CRIU_OPTIONS + (
+            Option("--leave-running", "leave_running", help="keep the container running after the checkpoint"),
+            Option("--pre-dump", "pre_dump", help="dump memory only, for a later checkpoint with --parent-path"),
+            Option("--parent-path", "parent_path", value=True,
+                   help="a pre-dump to build on, relative to the image path"))),
+        Verb("restore", _restore, "restore a container from a checkpoint", _CRIU_OPTIONS + (
+            Option("-b --bundle", "bundle", value=True, help="the bundle (default: the one checkpointed)"),
+            Option("-d --detach", "detach", help="return once restored"),
+            Option("--pid-file", "pid_file", value=True, help="write the init's pid here"),
+            Option("--console-socket", "console_socket", value=True, help="unix socket that receives the pty master"),
+            Option("--no-pivot", "no_pivot", help="accepted for runc compatibility"),
+            Option("--no-subreaper", "no_subreaper", help="accepted for runc compatibility"))),
     )
     return {v.name: v for v in verbs}
 
@@ -377,6 +405,48 @@ def _network(args: Namespace) -> int:
     _print_json(container.attach_network(bridge=args.bridge, address=args.address, gateway=args.gateway,
                                          ifname=args.ifname))
     return 0
+
+
+def _criu_options(args: Namespace) -> dict:
+    """The checkpoint/restore options both verbs share, as coldbrew.snapshot takes them."""
+    for flag, given in (("--empty-ns", args.empty_ns), ("--page-server", args.page_server),
+                        ("--lazy-pages", args.lazy_pages), ("--status-fd", args.status_fd),
+                        ("--auto-dedup", args.auto_dedup)):
+        if given:
+            from .errors import Unsupported
+
+            raise Unsupported(f"{flag} is not supported by coldbrew's checkpoint/restore")
+    if args.manage_cgroups_mode:
+        _choice(args.manage_cgroups_mode, "--manage-cgroups-mode", ("soft", "full", "strict", "ignore"))
+    return {"work_path": args.work_path, "tcp_established": args.tcp_established, "ext_unix_sk": args.ext_unix_sk,
+            "shell_job": args.shell_job, "file_locks": args.file_locks,
+            "manage_cgroups_mode": args.manage_cgroups_mode or None, "criu": args.criu}
+
+
+def _checkpoint(args: Namespace) -> int:
+    from ..snapshot.checkpoint import snapshot
+
+    options = _criu_options(args)
+    container = _runtime(args).get(args.id)
+    snapshot(container, args.image_path or os.path.join(os.getcwd(), "checkpoint"), parent_path=args.parent_path,
+             leave_running=args.leave_running, pre_dump=args.pre_dump, **options)
+    return 0
+
+
+def _restore(args: Namespace) -> int:
+    from ..snapshot.checkpoint import restore
+
+    options = _criu_options(args)
+    container = restore(_runtime(args), args.image_path or os.path.join(os.getcwd(), "checkpoint"), args.id,
+                        args.bundle, console_socket=args.console_socket, pid_file=args.pid_file, **options)
+    if args.detach:
+        return 0
+    try:
+        _forward_signals(container.pid)
+        code = container.wait(keep=False)  # the restored init is our child (CRIU restores it as our sibling's)
+        return 0 if code is None else code
+    finally:
+        container.delete(force=True)
 
 
 # ---- plumbing -----------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import _socket  # the C core: the `socket` wrapper module costs ~3 ms of every s
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, Callable
 
 from . import exec_shim, init, libc, state as statedir
 from .errors import ContainerExists, ContainerNotFound, InvalidState, NotRunning, RuntimeFailure, SpecError
@@ -98,9 +98,7 @@ class Runtime:
             raise ContainerExists(container_id) from None
         oci_state = {"ociVersion": OCI_VERSION, "id": container_id, "status": CREATING, "pid": 0,
                      "bundle": bundle, "annotations": spec.annotations}
-        record = {**oci_state, "rootfs": spec.root_path, "created": statedir.now_rfc3339(), "owner": "",
-                  "config": spec.raw, "cgroup": cgroup.paths, "no_pivot": no_pivot, "network": [],
-                  "exit_status": None}
+        record = _new_record(oci_state, spec, cgroup, no_pivot)
         made_cgroup = False
         pids: list[int] = []
         try:
@@ -144,6 +142,52 @@ class Runtime:
             raise
         return Container(sd, record)
 
+    def adopt(self, container_id: str, bundle: str, bring_up: Callable[[Spec, Any], int], *,
+              pid_file: str | None = None) -> "Container":
+        """A running container whose processes `bring_up(spec, cgroup)` provides instead of a fresh init; it returns
+        the init's pid. coldbrew.snapshot restores containers with CRIU this way.
+
+        The state directory, the cgroup (made with the spec's limits before bring_up runs) and the record are
+        create's; when anything fails they are undone and whatever bring_up left in the cgroup is killed.
+        """
+        sd = statedir.StateDir(self.root, container_id)
+        if sd.exists():
+            raise ContainerExists(container_id)
+        bundle = os.path.abspath(bundle)
+        spec = load_bundle(bundle)
+        from .cgroups import open_cgroup
+
+        cgroup = open_cgroup(spec.cgroups_path, container_id)
+        resources = _with_default_devices(spec)
+        try:
+            sd.make()
+        except FileExistsError:
+            raise ContainerExists(container_id) from None
+        oci_state = {"ociVersion": OCI_VERSION, "id": container_id, "status": RUNNING, "pid": 0,
+                     "bundle": bundle, "annotations": spec.annotations}
+        record = _new_record(oci_state, spec, cgroup, no_pivot=False)
+        made_cgroup = False
+        pid = None
+        try:
+            cgroup.create(resources)
+            made_cgroup = True
+            pid = bring_up(spec, cgroup)
+            record["pid"] = pid
+            record["pid_start"] = statedir.process_start_time(pid)
+            sd.save(record)
+            if pid_file:
+                _write_pid_file(pid_file, pid)
+        except BaseException:
+            if made_cgroup:
+                cgroup.kill_all(signals.SIGKILL)
+                if pid is not None:
+                    _kill_and_reap(pid)
+                _wait_empty(cgroup)
+                cgroup.destroy()
+            sd.remove()
+            raise
+        return Container(sd, record)
+
     def run(self, container_id: str, bundle: str, **create_options: Any) -> int:
         """create + start + wait + delete, as `runc run`; returns the exit status."""
         container = self.create(container_id, bundle, **create_options)
@@ -152,6 +196,12 @@ class Runtime:
             return container.wait(keep=False)
         finally:
             container.delete(force=True)
+
+
+def _new_record(oci_state: dict, spec: Spec, cgroup: Any, no_pivot: bool) -> dict:
+    """What state.json holds: the OCI state, and what kill, delete and exec need later."""
+    return {**oci_state, "rootfs": spec.root_path, "created": statedir.now_rfc3339(), "owner": "",
+            "config": spec.raw, "cgroup": cgroup.paths, "no_pivot": no_pivot, "network": [], "exit_status": None}
 
 
 def _refuse_host_mount_namespace(spec: Spec) -> None:
@@ -410,6 +460,15 @@ class Container:
     @property
     def exit_status(self) -> int | None:
         return self._record.get("exit_status")
+
+    @property
+    def cgroup_paths(self) -> dict[str, str]:
+        """The container's cgroup directory in each hierarchy ("unified" is cgroup v2's)."""
+        return dict(self._record["cgroup"])
+
+    def locked(self) -> Any:
+        """A context manager that keeps other coldbrew processes from changing the container meanwhile."""
+        return self._dir.locked()
 
     def _alive(self) -> bool:
         start = statedir.process_start_time(self.pid)

@@ -1,0 +1,21 @@
+"""Errors of coldbrew.snapshot. All are RuntimeFailures, so the CLI reports them like the runtime's own."""
+
+from __future__ import annotations
+
+from ..runtime.errors import RuntimeFailure
+
+
+class CriuNotFound(RuntimeFailure):
+    """No usable CRIU: missing, too old, or not runnable."""
+
+
+class CriuError(RuntimeFailure):
+    """CRIU ran and failed; the message ends with the lines of its log that say why."""
+
+    def __init__(self, message: str, log_tail: str = "") -> None:
+        super().__init__(message + (f"\n{log_tail}" if log_tail else ""))
+        self.log_tail = log_tail
+
+
+class SnapshotError(RuntimeFailure):
+    """A snapshot that cannot be used: not one of coldbrew's, corrupt, or not matching where it is restored."""
