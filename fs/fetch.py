@@ -51,7 +51,7 @@ class ChunkFetcher:
         self._store = store
         self._cache = cache
         self._limiter = trio.CapacityLimiter(concurrency)
-        self._background = trio.CapacityLimiter(background_concurrency or max(1, concurrency // 4))
+        self._background = trio.CapacityLimiter(background_concurrency or max(1, concurrency // 2))
         self._flights: dict[bytes, _Flight] = {}
         self._known_cached: set[bytes] = set()
         self._ahead: OrderedDict[bytes, bytes] = OrderedDict()
@@ -82,17 +82,13 @@ class ChunkFetcher:
         ahead = self._ahead.get(digest)
         if ahead is not None:
             self.ahead_hits += 1
-            if offset + size >= length:  # read to its end: a sequential reader is done with it
-                self._forget_ahead(digest)
+            self._ahead.move_to_end(digest)
             return ahead if offset == 0 and size == length else memoryview(ahead)[offset: offset + size]
-        if digest in self._flights:  # being loaded (read-ahead) or fetched: wait for it rather than read twice
-            return memoryview(await self.chunk(digest, length))[offset: offset + size]
-        data = await trio.to_thread.run_sync(self._cache.read, digest, offset, size)
-        if data is not None and len(data) == size:
-            self.cache_hits += 1
-            self._remember_cached(digest)
-            return data
-        return memoryview(await self.chunk(digest, length))[offset: offset + size]
+        # The whole chunk, kept in memory: the kernel reads a chunk in several requests (page faults of a mapped
+        # library come in read-ahead windows, in any order), and the later ones then cost no worker-thread hop.
+        data = await self.chunk(digest, length)
+        self._keep(digest, data)
+        return memoryview(data)[offset: offset + size]
 
     async def chunk(self, digest: bytes, length: int, *, background: bool = False) -> bytes:
         """The whole chunk. Raises pyfuse3.FUSEError(EIO) when it cannot be had intact."""
@@ -146,6 +142,13 @@ class ChunkFetcher:
             return  # logged by the fetch; the reader that needs it will try again
         finally:
             self._loading.discard(digest)
+        self._keep(digest, data)
+
+    def _keep(self, digest: bytes, data: bytes) -> None:
+        """Hold a chunk in the in-memory buffer (least recently used out first, AHEAD_BYTES in all)."""
+        if digest in self._ahead:
+            self._ahead.move_to_end(digest)
+            return
         self._ahead[digest] = data
         self._ahead_bytes += len(data)
         while self._ahead_bytes > AHEAD_BYTES:

@@ -357,7 +357,7 @@ class Prefetcher:
     that the container makes meanwhile are never queued behind the whole profile.
     """
 
-    def __init__(self, fs: ImageFs, profile: list[tuple[int, Chunk]], *, workers: int = 4,
+    def __init__(self, fs: ImageFs, profile: list[tuple[int, Chunk]], *, workers: int = 8,
                  notify: bool = True) -> None:
         self._fs = fs
         self._profile = profile
