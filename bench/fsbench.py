@@ -43,8 +43,6 @@ def _coldbrew() -> str:
 
 @dataclass
 class Setting:
-    tree: str
-    runs: int
     workdir: str
     store_url: str = ""
     archive_url: str = ""
@@ -119,7 +117,7 @@ def run_fsbench(runs: int = 3, commands: list[str] | None = None, progress=None)
     tree = trees.torch_tree()
     os.makedirs(WORKDIR, exist_ok=True)
     workdir = tempfile.mkdtemp(dir=WORKDIR, prefix="run-")
-    setting = Setting(tree=tree, runs=runs, workdir=workdir)
+    setting = Setting(workdir=workdir)
     result = Result(bench="fs", runs=runs, warmup=0, baseline=("peer", "time"))
     result.settings = {"runs": runs, "tree": tree, "link": "1 Gbit/s, 2 ms RTT"}
     chosen = commands or list(COMMANDS)
