@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import socket
-import statistics
 import time
 from pathlib import Path
 
@@ -32,13 +31,14 @@ def no_leftovers():
 
 
 def _connect_ms(address: str, port: int, count: int = 25) -> float:
-    """Median time of a TCP connect (one SYN / SYN-ACK round trip) in milliseconds."""
+    """Shortest time of a TCP connect (one SYN / SYN-ACK round trip) in milliseconds: the delay is added in user
+    space, so a busy machine only ever lengthens a sample, and the shortest one is the link's own."""
     times = []
     for _ in range(count):
         started = time.perf_counter()
         with socket.create_connection((address, port), timeout=5):
             times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
+    return min(times)
 
 
 def _get(address: str, port: int, path: str) -> tuple[int, float]:
@@ -76,8 +76,9 @@ def test_throughput_is_limited_by_the_rate(www: Path) -> None:
         size, seconds = _get(link.ns_address, server.port, "/big")
     assert size == BIG
     mbit_s = size * 8 / seconds / 1e6
-    # Goodput under a 100 Mbit/s line: headers take ~5%, slow start a little more.
-    assert 70 <= mbit_s <= 100
+    # Goodput under a 100 Mbit/s line: headers take ~5%, slow start a little more; the lower bound leaves room for
+    # a busy machine starving the user-space delayer (the upper one is what shows the limit).
+    assert 50 <= mbit_s <= 100
 
 
 def test_the_rate_applies_to_uploads_too(www: Path) -> None:
