@@ -13,7 +13,6 @@ is gone (kill -9), `unmount` detaches the dead mount itself.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import errno
 import hashlib
 import json
@@ -29,6 +28,7 @@ import time
 
 from .cache import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
 from .errors import FsError
+from .mounts import canonical, mount_entry, umount
 
 STATE_DIR = "/run/coldbrew/fs"
 # A host's mount server (`coldbrew fs serve`): when it listens here, mounts are forked from it.
@@ -39,51 +39,16 @@ FS_TYPE = "fuse.coldbrew"
 READ_AHEAD_KB = 4096
 READY_TIMEOUT = 120.0
 STOP_TIMEOUT = 30.0
-_MNT_DETACH = 2
 
 log = logging.getLogger("coldbrew.fs")
 
 
 # --- the caller's side -----------------------------------------------------------------------------------------
 
-def _canonical(mountpoint: str) -> str:
-    """An absolute mount point path with its parent's symlinks resolved, without touching the mount point itself
-    (stat of a dead or hung FUSE mount would fail or block)."""
-    path = os.path.abspath(mountpoint)
-    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
-
-
 def _paths(mountpoint: str) -> tuple[str, str, str]:
     key = hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:20]
     base = os.path.join(STATE_DIR, key)
     return base + ".json", base + ".sock", base + ".log"
-
-
-def _unescape(field: bytes) -> bytes:
-    # mountinfo octal-escapes space, tab, newline and backslash.
-    out = bytearray()
-    k = 0
-    while k < len(field):
-        if field[k] == 0x5C and field[k + 1: k + 4].isdigit():
-            out.append(int(field[k + 1: k + 4], 8))
-            k += 4
-        else:
-            out.append(field[k])
-            k += 1
-    return bytes(out)
-
-
-def _mount_entry(mountpoint: str) -> tuple[str, str] | None:
-    """(major:minor, filesystem type) of the topmost mount at `mountpoint`, or None."""
-    target = os.fsencode(mountpoint)
-    found = None
-    with open("/proc/self/mountinfo", "rb") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
-            if _unescape(fields[4]) == target:
-                separator = fields.index(b"-")
-                found = (fields[2].decode(), fields[separator + 1].decode())
-    return found
 
 
 def _read_state(path: str) -> dict | None:
@@ -119,8 +84,8 @@ def mount(reference: str, mountpoint: str, *, store: str, cache_dir: str = DEFAU
     from .objects import parse_reference
 
     parse_reference(reference)
-    mountpoint = _canonical(mountpoint)
-    entry = _mount_entry(mountpoint)
+    mountpoint = canonical(mountpoint)
+    entry = mount_entry(mountpoint)
     if entry is not None and entry[1] == FS_TYPE:
         raise FsError(f"{mountpoint} is already a coldbrew mount")
     try:
@@ -207,7 +172,7 @@ def _read_until_eof(fd: int, timeout: float) -> bytes:
 
 
 def _request(mountpoint: str, command: str, timeout: float = 10.0) -> dict:
-    mountpoint = _canonical(mountpoint)
+    mountpoint = canonical(mountpoint)
     state_path, socket_path, _ = _paths(mountpoint)
     state = _read_state(state_path)
     if state is None or not _daemon_alive(state):
@@ -240,15 +205,15 @@ def save_profile(mountpoint: str) -> int:
 
 def unmount(mountpoint: str) -> None:
     """Stop the daemon (it saves a recorded profile), unmount, remove the state; also cleans up a dead daemon."""
-    mountpoint = _canonical(mountpoint)
+    mountpoint = canonical(mountpoint)
     state_path, socket_path, log_path = _paths(mountpoint)
     state = _read_state(state_path)
-    entry = _mount_entry(mountpoint)
+    entry = mount_entry(mountpoint)
     if state is None and (entry is None or entry[1] != FS_TYPE):
         raise FsError(f"{mountpoint} is not a coldbrew mount")
     if state is not None and _daemon_alive(state):
         _stop(state["pid"])
-    entry = _mount_entry(mountpoint)
+    entry = mount_entry(mountpoint)
     if entry is not None and entry[1] == FS_TYPE:
         _detach(mountpoint)
     for path in (state_path, socket_path, log_path):
@@ -276,12 +241,9 @@ def _stop(pid: int) -> None:
 
 
 def _detach(mountpoint: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
-    if libc.umount2(os.fsencode(mountpoint), _MNT_DETACH) != 0:
-        error = ctypes.get_errno()
-        if error != errno.EINVAL:  # EINVAL: not mounted (any more)
-            raise FsError(f"cannot unmount {mountpoint}: {os.strerror(error)}")
+    error = umount(mountpoint, detach=True)
+    if error not in (0, errno.EINVAL):  # EINVAL: not mounted (any more)
+        raise FsError(f"cannot unmount {mountpoint}: {os.strerror(error)}")
 
 
 # --- the daemon's side -----------------------------------------------------------------------------------------
@@ -518,7 +480,7 @@ class _Server:
 
     def _raise_read_ahead(self) -> None:
         # After INIT: the kernel lowers the bdi's read-ahead to what INIT negotiated when it processes the answer.
-        entry = _mount_entry(self.mountpoint)
+        entry = mount_entry(self.mountpoint)
         if entry is None or not self.args.read_ahead_kb:
             return
         try:

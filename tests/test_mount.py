@@ -21,7 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from coldbrew.fs import objects
-from coldbrew.fs.daemon import STATE_DIR, _detach, _mount_entry, _paths, mount, mount_stats, save_profile, unmount
+from coldbrew.fs.daemon import STATE_DIR, _detach, _paths, mount, mount_stats, save_profile, unmount
+from coldbrew.fs.mounts import mount_entry
 from coldbrew.fs.errors import BadReference, FsError
 from coldbrew.fs.index import Index, IndexBuilder
 from coldbrew.fs.push import push
@@ -56,7 +57,7 @@ class Mounts:
     def cleanup(self) -> list[str]:
         left = []
         for point in self.points:
-            entry = _mount_entry(point)
+            entry = mount_entry(point)
             if entry is not None and entry[1] == "fuse.coldbrew":
                 left.append(point)
                 try:
@@ -74,7 +75,7 @@ def mounts(tmp_path: Path):
     helper = Mounts(tmp_path)
     yield helper
     helper.cleanup()
-    assert all(_mount_entry(point) is None for point in helper.points)
+    assert all(mount_entry(point) is None for point in helper.points)
 
 
 def stats_of(point: Path) -> dict:
@@ -176,7 +177,7 @@ def test_round_trip_rich_tree(mounts: Mounts, tmp_path: Path) -> None:
     assert (point / "sparse").read_bytes() == (tmp_path / "tree" / "sparse").read_bytes()
     assert os.statvfs(point).f_files == result.entries
     mounts.unmount(point)
-    assert _mount_entry(str(point)) is None
+    assert mount_entry(str(point)) is None
     assert not any(os.path.exists(path) for path in _paths(str(point)))
 
 
@@ -450,7 +451,7 @@ def test_kill_during_reads_then_remount(mounts: Mounts, tmp_path: Path) -> None:
         os.listdir(point)
     assert raised.value.errno == errno.ENOTCONN
     mounts.unmount(point)  # cleans the dead mount
-    assert _mount_entry(str(point)) is None
+    assert mount_entry(str(point)) is None
     point = mounts.mount(reference)
     assert_same_tree(tree, point)
 
@@ -514,7 +515,7 @@ def test_hostile_index_refused(mounts: Mounts, case: str) -> None:
         mounts.mount(reference)
     assert str(raised.value).startswith("image index:"), str(raised.value)
     point = str(mounts.base / "mnt")
-    assert _mount_entry(point) is None
+    assert mount_entry(point) is None
     assert not any(os.path.exists(path) for path in _paths(point))
 
 
@@ -524,7 +525,7 @@ def test_unknown_reference_refused(mounts: Mounts) -> None:
         mounts.mount("ab" * 32)
     with pytest.raises(BadReference):
         mounts.mount("not-a-reference")
-    assert _mount_entry(str(mounts.base / "mnt")) is None
+    assert mount_entry(str(mounts.base / "mnt")) is None
 
 
 # --- profiles, counters, listings ------------------------------------------------------------------------------
