@@ -14,7 +14,6 @@ from __future__ import annotations
 import mmap
 import os
 import stat
-import subprocess
 from typing import Callable, Iterator
 
 from coldbrew.fs import objects
@@ -105,10 +104,10 @@ def resident_pages(tree: str) -> dict[str, list[bool]]:
 
 def working_set(tree: str, command: str) -> dict[str, list[bool]]:
     """The pages of `tree` that `command` (run chrooted into it) reads from a cold page cache."""
-    subprocess.run(["sync"], check=True)
-    with open("/proc/sys/vm/drop_caches", "w") as drop:
-        drop.write("3")
-    subprocess.run(["chroot", tree, "/bin/sh", "-c", command], check=True, stdout=subprocess.DEVNULL)
+    from .trees import drop_caches, run_in_tree
+
+    drop_caches()
+    run_in_tree(tree, ["/bin/sh", "-c", command])
     return resident_pages(tree)
 
 

@@ -23,16 +23,11 @@ import time
 from dataclasses import dataclass
 
 from .report import Result, Row, Target
+from .trees import drop_caches
 
 COMMANDS = {"print(1)": "print(1)", "import numpy": "import numpy", "import torch": "import torch"}
 FIRST_START_TARGETS = {"print(1)": 20, "import numpy": 8, "import torch": 3}
 WORKDIR = "/var/cache/coldbrew-bench/fsbench"
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as drop:
-        drop.write("3")
 
 
 def _coldbrew() -> str:

@@ -109,13 +109,18 @@ def debian_python_tree(path: str = f"{DEFAULT_ROOT}/debian-python") -> str:
     return path
 
 
+def drop_caches() -> None:
+    """Empty the whole machine's page cache (after writing back what is dirty): the next reads are cold."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as file:
+        file.write("3")
+
+
 def native_working_set(tree: str, argv: Sequence[str]) -> int:
     """Bytes of `tree`'s files resident in the page cache after running `argv` chrooted into it from a cold cache.
 
     Drops the page cache of the whole machine first. Hard links count once."""
-    subprocess.run(["sync"], check=True)
-    with open("/proc/sys/vm/drop_caches", "w") as file:
-        file.write("3")
+    drop_caches()
     run_in_tree(tree, argv)
     return resident_bytes(tree)
 
