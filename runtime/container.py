@@ -313,9 +313,9 @@ def _kill_strays(stage1: int, pids: list[int]) -> None:
     deadline = time.monotonic() + 1.0
     while True:
         alive = False
-        for pid, state in _processes_named(name):
+        for pid, fields in statedir.processes_named(name):
             try:
-                if state != b"Z":
+                if fields[0] != b"Z":
                     os.kill(pid, signals.SIGKILL)
                     alive = True
                 elif os.waitpid(pid, os.WNOHANG)[0] and pid in pids:
@@ -325,22 +325,6 @@ def _kill_strays(stage1: int, pids: list[int]) -> None:
         if not alive or time.monotonic() >= deadline:
             return
         time.sleep(0.002)
-
-
-def _processes_named(name: bytes) -> list[tuple[int, bytes]]:
-    """(pid, state letter) of every process whose name is `name`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    data = f.read()
-            except OSError:
-                continue
-            end = data.rindex(b")")
-            if data[data.index(b"(") + 1:end] == name:
-                found.append((int(entry), data[end + 2:end + 3]))
-    return found
 
 
 def _death_cause(pids: list[int]) -> str:

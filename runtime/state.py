@@ -46,6 +46,22 @@ def _stat_fields(pid: int) -> list[bytes] | None:
     return data[data.rindex(b")") + 2:].split()
 
 
+def processes_named(name: bytes) -> list[tuple[int, list[bytes]]]:
+    """(pid, /proc/PID/stat from field 3 on) of every process whose name (comm) is `name`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            end = data.rindex(b")")
+            if data[data.index(b"(") + 1:end] == name:
+                found.append((int(entry), data[end + 2:].split()))
+    return found
+
+
 def process_start_time(pid: int, *, zombies: bool = False) -> int | None:
     """Field 22 of /proc/PID/stat (clock ticks since boot), or None if the process is gone (or a zombie, unless
     `zombies`: a zombie's start time tells whether it is still the process a pid was given to, before reaping it)."""

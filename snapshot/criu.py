@@ -147,22 +147,13 @@ def _reap_strays(name: bytes, started: int, timeout: float = 2.0) -> None:
     import signal
     import time
 
+    from coldbrew.runtime.state import processes_named
+
     me = os.getpid()
     deadline = time.monotonic() + timeout
     while True:
-        strays = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    data = f.read()
-            except OSError:
-                continue
-            end = data.rindex(b")")
-            fields = data[end + 2:].split()
-            if int(fields[1]) == me and data[data.index(b"(") + 1:end] == name and int(fields[19]) >= started:
-                strays.append((int(entry), fields[0]))
+        strays = [(pid, fields[0]) for pid, fields in processes_named(name)
+                  if int(fields[1]) == me and int(fields[19]) >= started]
         if not strays:
             return
         for pid, state in strays:
