@@ -9,6 +9,8 @@ _EXPORTS = {
     "Process": "spec", "Spec": "spec", "load_bundle": "spec",
     "RuntimeFailure": "errors", "SpecError": "errors", "ContainerExists": "errors", "ContainerNotFound": "errors",
     "InvalidState": "errors", "NotRunning": "errors", "Unsupported": "errors",
+    "NoGpu": "gpu", "GpuUnhealthy": "gpu", "generate_cdi_spec": "gpu", "write_cdi_spec": "gpu",
+    "GpuInfo": "gpuinfo", "list_gpus": "gpuinfo", "healthy_gpus": "gpuinfo", "CdiError": "cdi", "load_registry": "cdi",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -242,7 +242,10 @@ def _compiled_seccomp(spec: Spec) -> bytes | None:
 
 
 def _with_default_devices(spec: Spec) -> Any:
-    """The spec's device rules, then the devices every container gets (runc's AllowedDevices), then the spec's nodes."""
+    """The spec's device rules, then the devices every container gets (runc's AllowedDevices).
+
+    As runc does, the spec's own device nodes get no implicit rule: a config that creates one allows it itself.
+    """
     from .cgroups.resources import DeviceRule
 
     resources = spec.resources

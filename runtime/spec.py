@@ -69,6 +69,9 @@ RLIMITS = {
     "RLIMIT_SIGPENDING": 11, "RLIMIT_MSGQUEUE": 12, "RLIMIT_NICE": 13, "RLIMIT_RTPRIO": 14, "RLIMIT_RTTIME": 15,
 }
 HOOK_NAMES = ("prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop")
+# Set once the devices a config asks for are injected: the stored config is parsed again (exec, delete), and must not
+# look for them again (a GPU that failed its health check since must not make delete fail).
+DEVICES_INJECTED_ANNOTATION = "coldbrew.devices.injected"
 _ENV_ENTRY = re.compile(r"^[^=]+=", re.S)
 
 
@@ -281,6 +284,10 @@ def load_bundle(bundle: str) -> Spec:
 
 def parse(raw: Any, bundle: str) -> Spec:
     raw = obj(raw, "(config.json)")
+    if _requests_devices(raw):
+        from .cdi import inject_devices
+
+        raw = inject_devices(raw)
     version = string(raw.get("ociVersion"), "ociVersion")
     if not re.match(r"^1\.\d+\.\d+", version):
         raise SpecError("ociVersion", f"{version!r} is not a runtime-spec 1.x version")
@@ -386,6 +393,26 @@ def parse(raw: Any, bundle: str) -> Spec:
         rootfs_propagation=propagation, seccomp=seccomp, masked_paths=masked, readonly_paths=readonly,
         sysctl=dict(sysctl), personality=personality,
     )
+
+
+def _requests_devices(raw: dict) -> bool:
+    """Whether config.json asks for devices by CDI annotation or NVIDIA_VISIBLE_DEVICES (not void or empty).
+
+    On every container start's path: a dict scan and a scan of env strings, nothing imported.
+    """
+    annotations = raw.get("annotations")
+    if isinstance(annotations, dict):
+        if DEVICES_INJECTED_ANNOTATION in annotations:
+            return False
+        if any(isinstance(key, str) and key.startswith("cdi.k8s.io/") for key in annotations):
+            return True
+    process = raw.get("process")
+    env = process.get("env") if isinstance(process, dict) else None
+    if isinstance(env, list):
+        for entry in reversed(env):  # the last definition wins, as in nvidia-container-toolkit
+            if isinstance(entry, str) and entry.startswith("NVIDIA_VISIBLE_DEVICES="):
+                return entry[len("NVIDIA_VISIBLE_DEVICES="):] not in ("", "void")
+    return False
 
 
 def _parse_hooks(value: Any) -> dict[str, tuple[Hook, ...]]:
