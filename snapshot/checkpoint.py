@@ -10,6 +10,13 @@ that cgroup (so the restored tasks land there, with CRIU's cgroup roots rewritte
 its own, where the bundle's root is bind-mounted for it (CRIU needs the root to be a mount point): nothing is mounted
 on the host, so nothing is left behind whatever happens. The init comes back as our child (rst_sibling) in new
 namespaces, and is then an ordinary coldbrew container: state, exec, kill and delete work on it.
+
+GPU memory (coldbrew.snapshot.cuda): the container's processes that hold an NVIDIA GPU are locked and checkpointed by
+the CUDA driver before CRIU freezes the container (their GPU memory moves into their host memory, which CRIU dumps),
+and restored and unlocked after CRIU has brought them back; a failed dump, --leave-running and --pre-dump give them
+their GPU state back at once. The record says whether GPU state is inside, and the driver and GPUs it came from: a
+restore under another driver or onto another GPU model is refused before anything is made. CRIU runs with no plugins
+(an empty libdir): its cuda_plugin would otherwise lock and restore the same processes a second time.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import platform
 import shutil
 import stat
 import tempfile
+import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -29,8 +37,8 @@ if TYPE_CHECKING:
 
 from ..runtime import libc
 from ..runtime.errors import InvalidState, RuntimeFailure
-from . import criu as criu_mod, image, rpc
-from .errors import CriuError, SnapshotError
+from . import criu as criu_mod, cuda, image, rpc
+from .errors import CriuError, CudaError, SnapshotError
 
 DUMP_LOG, PRE_DUMP_LOG, RESTORE_LOG = "dump.log", "pre-dump.log", "restore.log"
 _LOG_LEVEL = 4  # CRIU's most detailed: the log is what explains a failure
@@ -47,6 +55,23 @@ def _cgroup_mode(mode: str | None) -> int | None:
     if mode not in rpc.CGROUP_MODES:
         raise RuntimeFailure(f"--manage-cgroups-mode {mode!r}: give one of {', '.join(rpc.CGROUP_MODES)}")
     return rpc.CGROUP_MODES[mode]
+
+
+def _criu_config(scratch: str, work_dir: str | None = None) -> str:
+    """A CRIU configuration file in `scratch`: no plugins (libdir: an empty directory), and `work_dir` if given."""
+    plugins = os.path.join(scratch, "no-plugins")
+    os.mkdir(plugins, 0o700)
+    path = os.path.join(scratch, "criu.conf")
+    with open(path, "w") as f:
+        f.write(f'libdir "{plugins}"\n')
+        if work_dir:
+            f.write(f'work-dir "{work_dir}"\n')
+    return path
+
+
+def _timed(timings: dict[str, float] | None, step: str, started: float) -> None:
+    if timings is not None:
+        timings[step] = time.perf_counter() - started
 
 
 def _open_dir(path: str, what: str, *, create: bool) -> int:
@@ -66,7 +91,8 @@ def snapshot(container: Container, image_path: str, *, work_path: str | None = N
              parent_path: str | None = None, leave_running: bool = False, pre_dump: bool = False,
              tcp_established: bool = False, ext_unix_sk: bool = False, shell_job: bool = False,
              file_locks: bool = False, manage_cgroups_mode: str | None = None,
-             criu: str | criu_mod.Criu | None = None) -> image.Snapshot:
+             criu: str | criu_mod.Criu | None = None, gpu_lock_timeout_ms: int = cuda.DEFAULT_LOCK_TIMEOUT_MS,
+             timings: dict[str, float] | None = None) -> image.Snapshot:
     """Checkpoint a running (or paused) container into `image_path`, which must be empty or new.
 
     Without `leave_running` the container's processes end with the dump and the container is deleted (runc's
@@ -75,6 +101,10 @@ def snapshot(container: Container, image_path: str, *, work_path: str | None = N
     only what changed since, where the kernel tracks dirty memory (CONFIG_MEM_SOFT_DIRTY; CRIU's mem_track feature).
     Where it does not, CRIU cannot pre-dump at all: the pre-dump is then a full dump taken without stopping the
     container, and the final dump is complete in itself, with no link to it: the steps work, they save nothing.
+
+    Processes holding an NVIDIA GPU have their GPU memory checkpointed into the images too (see the module's
+    docstring); `gpu_lock_timeout_ms` bounds the wait for their submitted GPU work. `timings`, if given, receives the
+    seconds of each step: cuda_checkpoint, criu_dump or criu_pre_dump, cuda_restore.
     """
     tool = _criu(criu)
     cgroup_mode = _cgroup_mode(manage_cgroups_mode)
@@ -83,6 +113,12 @@ def snapshot(container: Container, image_path: str, *, work_path: str | None = N
         status = container.status
         if status not in ("running", "paused"):
             raise InvalidState(f"cannot checkpoint container {container.id}: it is {status}, not running")
+        processes = container.processes()
+        gpu_pids = cuda.cuda_pids(processes)
+        if gpu_pids and status == "paused":
+            raise InvalidState(f"cannot checkpoint container {container.id}: it is paused, and the CUDA driver "
+                               f"checkpoints the GPU memory of its processes {gpu_pids} from inside them: resume it")
+        gpu = _gpu_entry(gpu_pids, len(processes))  # loads the driver: CudaUnavailable before anything changes
         spec = container.spec()
         if os.path.isdir(image_path) and os.listdir(image_path):
             raise SnapshotError(f"image path {image_path} is not empty: give a new or empty directory")
@@ -103,7 +139,15 @@ def snapshot(container: Container, image_path: str, *, work_path: str | None = N
         images = _open_dir(image_path, "image path", create=True)
         work = _open_dir(os.path.abspath(work_path), "work path", create=True) if work_path else None
         held: dict[str, int] = {}
+        scratch = None
+        gpu_checkpointed = False
         try:
+            scratch = tempfile.mkdtemp(prefix=f"coldbrew-dump-{container.id}-")
+            if gpu_pids:
+                started = time.perf_counter()
+                cuda.checkpoint_gpu(gpu_pids, gpu_lock_timeout_ms)
+                gpu_checkpointed = True
+                _timed(timings, "cuda_checkpoint", started)
             opts: dict[str, Any] = {
                 "images_dir_fd": images, "log_level": _LOG_LEVEL, "pid": container.pid,
                 "log_file": PRE_DUMP_LOG if pre_dump else DUMP_LOG,
@@ -111,7 +155,7 @@ def snapshot(container: Container, image_path: str, *, work_path: str | None = N
                 "ext_unix_sk": ext_unix_sk, "shell_job": shell_job, "file_locks": file_locks,
                 "manage_cgroups": True, "manage_cgroups_mode": cgroup_mode, "orphan_pts_master": True,
                 "root": spec.root_path, "parent_img": parent, "track_mem": (track_mem and (pre_dump or parent)) or None,
-                "freeze_cgroup": _freezer(container.cgroup_paths),
+                "freeze_cgroup": _freezer(container.cgroup_paths), "config_file": _criu_config(scratch),
             }
             if work is not None:
                 opts["work_dir_fd"] = work
@@ -120,7 +164,7 @@ def snapshot(container: Container, image_path: str, *, work_path: str | None = N
                 "container": {"id": container.id, "bundle": container.bundle, "rootfs": spec.root_path,
                               "config": spec.raw},
                 "criu": tool.version_string, "kernel": platform.release(), "machine": platform.machine(),
-                "mounts": [], "descriptors": {},
+                "mounts": [], "descriptors": {}, "gpu": gpu,
             }
             if not incremental_pre_dump:  # a real pre-dump writes memory only: no mounts or files to declare
                 mounts = _external_mounts(spec, container.cgroup_paths, container.pid)
@@ -133,20 +177,57 @@ def snapshot(container: Container, image_path: str, *, work_path: str | None = N
                     held = _hold_regular_files(container.pid, descriptors)
             request = {"type": rpc.PRE_DUMP if incremental_pre_dump else rpc.DUMP, "opts": opts}
             # CRIU opens the image and work directories through our /proc/PID/fd: they stay open here meanwhile
+            started = time.perf_counter()
             tool.call(request, log=(work if work is not None else images, opts["log_file"]))
+            _timed(timings, "criu_pre_dump" if pre_dump else "criu_dump", started)
             for fd, handle in held.items():
                 # CRIU restores a regular file only onto one of the size it had: the tasks ended with the dump
                 record["descriptors"][fd]["size"] = os.fstat(handle).st_size
+        except BaseException as error:
+            if gpu_checkpointed:  # CRIU let the container go on: its CUDA processes get their GPU state back
+                _give_gpu_back(gpu_pids, error)
+            raise
         finally:
             os.close(images)
             if work is not None:
                 os.close(work)
             for handle in held.values():
                 os.close(handle)
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
         image.write_record(image_path, record)
+        if gpu_checkpointed and (leave_running or pre_dump):
+            started = time.perf_counter()
+            try:
+                cuda.restore_gpu(gpu_pids)
+            except CudaError as e:
+                left = (f"the snapshot {image_path} is complete, but the container's CUDA processes {gpu_pids} stay "
+                        "checkpointed")
+                raise CudaError(e.function, e.code, e.name, e.pid, f"{e.hint}; {left}" if e.hint else left) from e
+            _timed(timings, "cuda_restore", started)
     if not (leave_running or pre_dump):
         container.delete(force=True)  # its processes ended with the dump; what is left is the bookkeeping
     return image.Snapshot.open(image_path, verify=False)
+
+
+def _gpu_entry(gpu_pids: list[int], count: int) -> dict[str, Any]:
+    """The record's "gpu" entry (see image.Snapshot.gpu) for a container of `count` processes, `gpu_pids` of them
+    holding a GPU."""
+    if not gpu_pids:
+        return {"inside": False, "note": f"no GPU state: none of the container's {count} processes has an NVIDIA "
+                                         "device (/dev/nvidia*) open or mapped"}
+    return {"inside": True, "note": f"GPU memory of {len(gpu_pids)} CUDA process(es), checkpointed by the CUDA "
+                                    "driver into their host memory",
+            "processes": [cuda.ns_pid(pid) for pid in gpu_pids], **cuda.gpu_record(gpu_pids)}
+
+
+def _give_gpu_back(gpu_pids: list[int], error: BaseException) -> None:
+    """After a failed dump: restore and unlock the container's CUDA processes, so it keeps running on its GPUs."""
+    try:
+        cuda.restore_gpu(gpu_pids)
+    except CudaError as e:
+        raise SnapshotError(f"{error}\nand giving the container's CUDA processes {gpu_pids} their GPU state back "
+                            f"failed: {e}") from error
 
 
 def _freezer(cgroup_paths: dict[str, str]) -> str | None:
@@ -253,17 +334,24 @@ def restore(runtime: Runtime, snapshot: image.Snapshot | str, container_id: str,
             work_path: str | None = None, stdio: tuple[int, int, int] | None = None,
             console_socket: str | None = None, pid_file: str | None = None, tcp_established: bool = False,
             ext_unix_sk: bool = False, shell_job: bool = False, file_locks: bool = False,
-            manage_cgroups_mode: str | None = None, criu: str | criu_mod.Criu | None = None) -> Container:
+            manage_cgroups_mode: str | None = None, criu: str | criu_mod.Criu | None = None,
+            timings: dict[str, float] | None = None) -> Container:
     """Bring a checkpointed container back as `container_id`, running, from the bundle it was made from or `bundle`.
 
     The snapshot is checked first (every image file against the digests written with it): a corrupt one is refused.
     `stdio` (by default this process's 0, 1, 2) stands in for the init's descriptors that led outside the container
     when it was dumped. A restore can be repeated from one snapshot under other container ids.
+
+    GPU state in the snapshot goes back onto this host's GPUs once CRIU has restored the processes; this host must run
+    the same NVIDIA driver and have the same GPU model, which is checked first. `timings`, if given, receives the
+    seconds of each step: criu_restore, cuda_restore.
     """
     snap = snapshot if isinstance(snapshot, image.Snapshot) else image.Snapshot.open(snapshot)
     if snap.kind != image.DUMP:
         raise SnapshotError(f"snapshot {snap.path} is a pre-dump (memory only): restore from the checkpoint made "
                             "after it with --parent-path")
+    gpu = snap.gpu
+    gpu_plan = cuda.plan_restore(gpu) if gpu["inside"] else None  # refused here, before anything is made
     tool = _criu(criu)
     cgroup_mode = _cgroup_mode(manage_cgroups_mode)
     bundle = bundle or snap.bundle
@@ -281,12 +369,39 @@ def restore(runtime: Runtime, snapshot: image.Snapshot | str, container_id: str,
             work_dir = os.path.abspath(work_path) if work_path else scratch
             options = {"tcp_established": tcp_established, "ext_unix_sk": ext_unix_sk, "shell_job": shell_job,
                        "file_locks": file_locks, "manage_cgroups_mode": cgroup_mode}
-            return _run_restore(tool, snap, spec, cgroup, scratch, work_dir, root, ext_mnt, inherit, stdio,
-                                console_socket, options)
+            started = time.perf_counter()
+            pid = _run_restore(tool, snap, spec, cgroup, scratch, work_dir, root, ext_mnt, inherit, stdio,
+                               console_socket, options)
+            _timed(timings, "criu_restore", started)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+        if gpu_plan is not None:
+            driver, gpu_pairs = gpu_plan
+            started = time.perf_counter()
+            try:
+                cuda.restore_gpu(_host_pids(cgroup.pids(), gpu["processes"]), gpu_pairs, driver=driver)
+            except BaseException:
+                _reap(pid)  # adopt kills the rest of the container; its init is our child to collect
+                raise
+            _timed(timings, "cuda_restore", started)
+        return pid
 
     return runtime.adopt(container_id, bundle, bring_up, pid_file=pid_file)
+
+
+def _host_pids(pids: list[int], wanted: list[int]) -> list[int]:
+    """The host pids, among `pids`, of the processes numbered `wanted` in the container's pid namespace."""
+    found = {}
+    for pid in pids:
+        try:
+            found[cuda.ns_pid(pid)] = pid
+        except OSError:
+            continue  # ended meanwhile
+    missing = [number for number in wanted if number not in found]
+    if missing:
+        raise SnapshotError(f"the restored container lacks the CUDA processes {missing} (pids in its namespace) "
+                            "whose GPU state the snapshot holds")
+    return [found[number] for number in wanted]
 
 
 def _restore_mounts(snap: image.Snapshot, spec: Spec, cgroup_paths: dict[str, str]) -> list[dict]:
@@ -391,9 +506,7 @@ def _run_restore(tool: criu_mod.Criu, snap: image.Snapshot, spec: Spec, cgroup: 
         raise
     # The work directory goes to CRIU by path, in a configuration file: over RPC it takes a descriptor, which CRIU
     # opens through our /proc/PID/fd, in our mount namespace, where it cannot mount its cgroup yard.
-    config = os.path.join(scratch, "criu.conf")
-    with open(config, "w") as f:
-        f.write(f'work-dir "{work_dir}"\n')
+    config = _criu_config(scratch, work_dir)
     opts: dict[str, Any] = {
         "images_dir_fd": images, "config_file": config, "log_level": _LOG_LEVEL, "log_file": RESTORE_LOG,
         "root": root, "rst_sibling": True, "evasive_devices": True, "manage_cgroups": True,

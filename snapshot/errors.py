@@ -19,3 +19,20 @@ class CriuError(RuntimeFailure):
 
 class SnapshotError(RuntimeFailure):
     """A snapshot that cannot be used: not one of coldbrew's, corrupt, or not matching where it is restored."""
+
+
+class CudaUnavailable(RuntimeFailure):
+    """The CUDA driver's checkpoint API cannot be used here: no libcuda.so.1, or one too old to have it."""
+
+
+class CudaError(RuntimeFailure):
+    """A CUDA driver call failed: the message names the function, the process and the driver's error name."""
+
+    def __init__(self, function: str, code: int, name: str, pid: int | None = None, hint: str = "") -> None:
+        target = f"(pid {pid})" if pid is not None else "()"
+        super().__init__(f"{function}{target} failed: {name} ({code})" + (f": {hint}" if hint else ""))
+        self.function = function
+        self.code = code
+        self.name = name
+        self.pid = pid
+        self.hint = hint

@@ -1,9 +1,10 @@
 """A snapshot on disk: CRIU's image files plus coldbrew's record of them (coldbrew-snapshot.json).
 
-The record says what was dumped (container, spec, external mounts and descriptors, CRIU and kernel versions) and
-lists every image file with its size and BLAKE3 digest, so a truncated, altered or missing file is refused before
-CRIU reads it. CRIU's logs and statistics (which restore appends to) are not part of the listing. A pre-dump's record
-has kind "pre-dump"; a dump built on one names it as its parent (CRIU's `parent` link) and both are checked.
+The record says what was dumped (container, spec, external mounts and descriptors, CRIU and kernel versions, whether
+GPU memory is inside and from which GPUs and NVIDIA driver) and lists every image file with its size and BLAKE3
+digest, so a truncated, altered or missing file is refused before CRIU reads it. CRIU's logs and statistics (which
+restore appends to) are not part of the listing. A pre-dump's record has kind "pre-dump"; a dump built on one names
+it as its parent (CRIU's `parent` link) and both are checked.
 """
 
 from __future__ import annotations
@@ -99,6 +100,12 @@ class Snapshot:
         return self.record["criu"]
 
     @property
+    def gpu(self) -> dict:
+        """{"inside": whether CUDA state is in the images, "note": what was found; where inside: "processes" (their
+        pids in the container's pid namespace), "driver", "cuda_version", "devices" [{uuid, model, minor, bus}]}."""
+        return self.record.get("gpu") or {"inside": False, "note": "no GPU state: made before snapshots recorded it"}
+
+    @property
     def size(self) -> int:
         """Bytes of image files, this snapshot's only (not its parent's)."""
         return sum(entry["size"] for entry in self.record["files"].values())
@@ -156,7 +163,23 @@ def _read_record(path: str, dirfd: int) -> dict:
             or not all(isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("blake3"), str)
                        and _listed(k) and "/" not in k for k, v in files.items())):
         raise SnapshotError(f"snapshot {path}: {RECORD} is corrupt (its kind, container or file list is malformed)")
+    if "gpu" in record and not _gpu_well_formed(record["gpu"]):
+        raise SnapshotError(f"snapshot {path}: {RECORD} is corrupt (its gpu entry is malformed)")
     return record
+
+
+def _gpu_well_formed(gpu: Any) -> bool:
+    if not isinstance(gpu, dict) or not isinstance(gpu.get("inside"), bool):
+        return False
+    if not gpu["inside"]:
+        return True
+    processes, devices = gpu.get("processes"), gpu.get("devices")
+    return (isinstance(processes, list) and bool(processes) and all(type(p) is int and p > 0 for p in processes)
+            and isinstance(devices, list)
+            and all(isinstance(d, dict) and isinstance(d.get("uuid"), str) and isinstance(d.get("model"), str)
+                    and type(d.get("minor")) is int for d in devices)
+            and (gpu.get("driver") is None or isinstance(gpu["driver"], str))
+            and (gpu.get("cuda_version") is None or type(gpu["cuda_version"]) is int))
 
 
 def _verify(path: str, dirfd: int, record: dict) -> None:
