@@ -1,12 +1,17 @@
-"""`python -m coldbrew.bench startup|fs|chunking ...`: benchmarks beside the peers."""
+"""`python -m coldbrew.bench startup|fs|chunking|restore|gpusnap ...`: benchmarks beside the peers."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from .report import render_table
 from .startup import RUNC, BenchError, coldbrew_binary, default_peers, run_startup
+
+
+# Benchmarks that bring their own subcommand: `add_parser(subparsers)` and `main(args) -> int`.
+_MODULES = {"restore": "coldbrew.bench.restore", "gpusnap": "coldbrew.bench.gpusnap"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--command", action="append", choices=["print(1)", "import numpy", "import torch"],
                    help="only these start-up commands (repeatable; default all three)")
     f.add_argument("--json", metavar="FILE", help="also write every row, with its samples, to FILE")
+    for module in _MODULES.values():
+        importlib.import_module(module).add_parser(benches)
     return p
 
 
@@ -68,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         return _chunking(args)
     if args.bench == "fs":
         return _fs(args)
+    if args.bench in _MODULES:
+        return importlib.import_module(_MODULES[args.bench]).main(args)
     try:
         peers = default_peers(runc=args.runc, coldbrew=args.coldbrew, floors=args.floors)
         result = run_startup(args.runs, args.warmup, peers=peers, workdir_parent=args.workdir, seed=args.seed,

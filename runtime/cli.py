@@ -67,7 +67,11 @@ def _verbs() -> dict[str, Verb]:
         Verb("start", _start, "start a created container"),
         Verb("run", _run, "create, start and wait for a container, then delete it", _CREATE_OPTIONS + (
             Option("-d --detach", "detach", help="return once started"),
-            Option("--keep", "keep", help="do not delete the container after it exits"))),
+            Option("--keep", "keep", help="do not delete the container after it exits"),
+            Option("--snapshot", "snapshot", value=True,
+                   help="start from the snapshot KEY if a valid one exists, else make it at the warm point"),
+            Option("--snapshot-store", "snapshot_store", value=True,
+                   help="chunk store of --snapshot (default $COLDBREW_STORE or /var/lib/coldbrew/store)"))),
         Verb("state", _state, "print the OCI state of a container"),
         Verb("kill", _kill, "send a signal to a container's init (or all its processes)",
              (Option("-a --all", "all", help="signal every process of the container"),),
@@ -166,6 +170,8 @@ def _create(args: Namespace) -> int:
 
 
 def _run(args: Namespace) -> int:
+    if args.snapshot is not None:
+        return _run_with_snapshot(args)
     runtime = _runtime(args)
     container = runtime.create(args.id, args.bundle, **_create_kwargs(args))
     try:
@@ -179,6 +185,29 @@ def _run(args: Namespace) -> int:
     finally:
         if not args.detach and not args.keep:
             container.delete(force=True)
+
+
+def _run_with_snapshot(args: Namespace) -> int:
+    """`run --snapshot KEY` (coldbrew.snapshot.warm): restored, or cold with a snapshot at the warm point."""
+    if not args.snapshot:
+        raise UsageError("--snapshot needs a key (any non-empty string naming the snapshot)")
+    for flag, given in (("--detach", args.detach), ("--keep", args.keep), ("--console-socket", args.console_socket),
+                        ("--pidfd-socket", args.pidfd_socket), ("--preserve-fds", args.preserve_fds != "0")):
+        if given:
+            raise UsageError(f"--snapshot cannot be combined with {flag}: the run relays the container's stdio "
+                             "and deletes it at its end, and a restored copy has no descriptors from outside")
+    from ..fs.cli import DEFAULT_STORE
+    from ..snapshot import warm
+
+    def say(message: str) -> None:
+        sys.stderr.write(f"coldbrew: {message}\n")
+        _log(args, "warning", message)
+
+    store = args.snapshot_store or os.environ.get("COLDBREW_STORE", DEFAULT_STORE)
+    result = warm.run(_runtime(args), args.id, args.bundle, args.snapshot, store=store, criu=args.criu,
+                      pid_file=args.pid_file, no_pivot=args.no_pivot, log=say,
+                      on_start=lambda container: _forward_signals(container.pid))
+    return result.exit_code
 
 
 def _forward_signals(pid: int) -> None:
@@ -479,7 +508,7 @@ def _log(args: Namespace, level: str, message: str) -> None:
 
 
 # Command groups beyond runc's verbs, each a module with its own `main(argv) -> int` (imported only when used).
-GROUPS = {"fs": "coldbrew.fs.cli"}
+GROUPS = {"fs": "coldbrew.fs.cli", "gpu": "coldbrew.runtime.gpu_cli"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,8 +103,13 @@ def child_main(plan: InitPlan, sock: _socket.socket) -> NoReturn:
         with open("/proc/self/comm", "w") as f:  # inherited by stage 2: the parent finds it by this name
             f.write(stray_name(os.getpid()))
         if plan.stdio is not None:
-            for target, fd in enumerate(plan.stdio):
+            # through descriptors >= 3 first: one given for a stream may itself be 0-2 (stdio=(5, 0, 0))
+            import fcntl
+
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in plan.stdio]
+            for target, fd in enumerate(high):
                 os.dup2(fd, target)
+                os.close(fd)
         if plan.join_pid is None:
             _stage1_create(plan, sock)
         else:

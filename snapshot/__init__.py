@@ -1,6 +1,11 @@
 """Checkpoint and restore of containers with CRIU: `snapshot(container, image_path) -> Snapshot` and
 `restore(runtime, snapshot, container_id) -> Container` (see coldbrew.snapshot.checkpoint).
 
+Warm points (coldbrew.snapshot.warm): `warm.run(runtime, id, bundle, key, store=...)` is `coldbrew run --snapshot`;
+`warm.start(...)` runs a container with a warm point, `WarmContainer.snapshot(...)` snapshots it there into a chunk
+store, `warm.restore(runtime, store.load(...), id, bundle)` brings a copy back. Snapshots in coldbrew.fs's chunk
+store: coldbrew.snapshot.store. The program's side: coldbrew.snapshot.warmpoint (`warmpoint.ready()`).
+
 The names below are the public surface; they load on first use.
 """
 
@@ -8,6 +13,10 @@ _EXPORTS = {
     "snapshot": "checkpoint", "restore": "checkpoint", "Snapshot": "image",
     "Criu": "criu", "find_criu": "criu",
     "CriuError": "errors", "CriuNotFound": "errors", "SnapshotError": "errors",
+    "CudaError": "errors", "CudaUnavailable": "errors",
+    "WarmContainer": "warm", "WarmRun": "warm",
+    "SnapshotCache": "store", "StoredSnapshot": "store", "LoadedSnapshot": "store",
+    "SnapshotMismatch": "store", "SnapshotCorrupt": "store", "SnapshotNotFound": "store",
 }
 _RENAMED = {"find_criu": "find"}
 __all__ = sorted(_EXPORTS)
