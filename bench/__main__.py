@@ -1,4 +1,4 @@
-"""`python -m coldbrew.bench startup|fs|chunking|restore|gpusnap ...`: benchmarks beside the peers."""
+"""`python -m coldbrew.bench startup|fs|chunking|build|restore|gpusnap ...`: benchmarks beside the peers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from .startup import RUNC, BenchError, coldbrew_binary, default_peers, run_start
 
 
 # Benchmarks that bring their own subcommand: `add_parser(subparsers)` and `main(args) -> int`.
-_MODULES = {"restore": "coldbrew.bench.restore", "gpusnap": "coldbrew.bench.gpusnap"}
+_MODULES = {"build": "coldbrew.bench.buildbench", "restore": "coldbrew.bench.restore",
+            "gpusnap": "coldbrew.bench.gpusnap"}
 
 
 def _parser() -> argparse.ArgumentParser:

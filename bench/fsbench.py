@@ -102,7 +102,7 @@ def _timed(command: list[str] | str, **options) -> float:
 
 
 def run_fsbench(runs: int = 3, commands: list[str] | None = None, progress=None) -> Result:
-    from coldbrew.fs.push import push
+    from coldbrew.fs.pushing import push
     from coldbrew.fs.store import LocalStore
 
     from . import trees

@@ -15,7 +15,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "push": "push", "PushResult": "push",
+    "push": "pushing", "PushResult": "pushing",
     "open_store": "store", "LocalStore": "store", "ChunkStore": "store",
     "HttpStore": "httpstore",
     "ChunkCache": "cache", "DEFAULT_CACHE_DIR": "cache", "DEFAULT_CACHE_SIZE": "cache",

@@ -99,7 +99,7 @@ class _Progress:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from .push import push
+    from .pushing import push
     from .store import open_store
 
     progress = _Progress("push") if not args.quiet and not args.json and sys.stderr.isatty() else None

@@ -307,7 +307,7 @@ def serve_mounts(socket_path: str = MOUNT_SERVER_SOCKET) -> int:
     import pyfuse3  # noqa: F401  (loaded before forking is the point)
     import trio  # noqa: F401
 
-    from . import cache, fetch, mount, store  # noqa: F401
+    from . import cache, fetch, imagefs, store  # noqa: F401
 
     os.makedirs(os.path.dirname(socket_path), mode=0o700, exist_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -387,7 +387,7 @@ class _Server:
 
         from .cache import ChunkCache
         from .fetch import ChunkFetcher
-        from .mount import ImageFs, ProfileRecorder, load_index
+        from .imagefs import ImageFs, ProfileRecorder, load_index
         from .store import open_store
 
         self.args = args
@@ -578,7 +578,7 @@ class _Server:
     async def _prefetch(self) -> None:
         import trio
 
-        from .mount import Prefetcher, parse_profile
+        from .imagefs import Prefetcher, parse_profile
 
         try:
             data = await trio.to_thread.run_sync(self.store.get_named, f"profiles/{self.reference}")

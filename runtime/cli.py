@@ -508,7 +508,7 @@ def _log(args: Namespace, level: str, message: str) -> None:
 
 
 # Command groups beyond runc's verbs, each a module with its own `main(argv) -> int` (imported only when used).
-GROUPS = {"fs": "coldbrew.fs.cli", "gpu": "coldbrew.runtime.gpu_cli"}
+GROUPS = {"fs": "coldbrew.fs.cli", "gpu": "coldbrew.runtime.gpu_cli", "image": "coldbrew.imagebuild.cli"}
 
 
 def main(argv: list[str] | None = None) -> int:

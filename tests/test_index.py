@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from coldbrew.fs import objects
 from coldbrew.fs.errors import BadIndex, BadReference, ChunkMissing, CorruptChunk
 from coldbrew.fs.index import Chunk, Index, IndexBuilder
-from coldbrew.fs.push import push
+from coldbrew.fs.pushing import push
 from coldbrew.fs.store import LocalStore
 
 DIR = stat.S_IFDIR | 0o755

@@ -25,7 +25,7 @@ from coldbrew.fs.daemon import STATE_DIR, _detach, _paths, mount, mount_stats, s
 from coldbrew.fs.mounts import mount_entry
 from coldbrew.fs.errors import BadReference, FsError
 from coldbrew.fs.index import Index, IndexBuilder
-from coldbrew.fs.push import push
+from coldbrew.fs.pushing import push
 from coldbrew.fs.store import LocalStore, object_path
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,

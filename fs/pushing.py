@@ -38,7 +38,7 @@ class PushResult:
     uploaded_bytes: int  # stored (compressed) bytes written, index included
 
 
-class _Uploader:
+class Uploader:
     """Stores each distinct chunk once per push, skipping what the store already holds."""
 
     def __init__(self, store: ChunkStore, level: int) -> None:
@@ -87,7 +87,7 @@ def _data_regions(fd: int, size: int) -> list[tuple[int, int]]:
     return regions
 
 
-def _push_file(path: bytes, size: int, sparse: bool, chunk_size: int, uploader: _Uploader,
+def _push_file(path: bytes, size: int, sparse: bool, chunk_size: int, uploader: Uploader,
                progress: Callable[[int], None] | None) -> list[Chunk]:
     chunks = []
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -108,12 +108,12 @@ def _push_file(path: bytes, size: int, sparse: bool, chunk_size: int, uploader: 
     return chunks
 
 
-def _push_files(batch: list[tuple[int, bytes, int, bool]], chunk_size: int, uploader: _Uploader,
+def push_files(batch: list[tuple[int, bytes, int, bool]], chunk_size: int, uploader: Uploader,
                 progress: Callable[[int], None] | None) -> list[tuple[int, list[Chunk]]]:
     return [(ino, _push_file(path, size, sparse, chunk_size, uploader, progress)) for ino, path, size, sparse in batch]
 
 
-def _xattrs(path: bytes) -> list[tuple[bytes, bytes]]:
+def read_xattrs(path: bytes) -> list[tuple[bytes, bytes]]:
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError as error:
@@ -138,7 +138,7 @@ def push(tree: str, store: ChunkStore, *, chunk_size: int = DEFAULT_CHUNK_SIZE, 
         raise FsError(f"{tree} is not a directory")
     builder = IndexBuilder()
     builder.metadata = dict(metadata or {}, chunk_size=chunk_size)
-    uploader = _Uploader(store, level)
+    uploader = Uploader(store, level)
 
     # Walk first (inode numbers in breadth-first order, each directory's children contiguous), then store data.
     files: list[tuple[int, bytes, int, bool]] = []  # (inode, path, size, maybe sparse)
@@ -150,7 +150,7 @@ def push(tree: str, store: ChunkStore, *, chunk_size: int = DEFAULT_CHUNK_SIZE, 
         size = st.st_size if kind == stat.S_IFREG else 0
         return builder.add(mode=st.st_mode, uid=st.st_uid, gid=st.st_gid, size=size, mtime_ns=st.st_mtime_ns,
                            rdev=st.st_rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0, parent=parent,
-                           symlink=symlink, xattrs=_xattrs(path))
+                           symlink=symlink, xattrs=read_xattrs(path))
 
     root_ino = add(root, root_stat, 1)
     pending = [(root, root_ino)]
@@ -201,7 +201,7 @@ def push(tree: str, store: ChunkStore, *, chunk_size: int = DEFAULT_CHUNK_SIZE, 
                 batch_bytes = 0
             batches[-1].append(file)
             batch_bytes += file[2]
-        futures = [pool.submit(_push_files, batch, chunk_size, uploader, advance if progress else None)
+        futures = [pool.submit(push_files, batch, chunk_size, uploader, advance if progress else None)
                    for batch in batches if batch]
         chunk_refs = 0
         for future in futures:
