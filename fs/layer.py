@@ -18,14 +18,12 @@ from __future__ import annotations
 import json
 import os
 import stat
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from . import objects
 from .errors import FsError
 from .index import Chunk, Index, IndexBuilder, MAX_CHUNK_SIZE
-from .pushing import DEFAULT_CHUNK_SIZE, PushResult, Uploader, push_files, read_xattrs
+from .pushing import DEFAULT_CHUNK_SIZE, PushResult, Uploader, read_xattrs, store_files
 from .store import ChunkStore
 
 _OVERLAY_XATTR = b"trusted.overlay."
@@ -91,7 +89,6 @@ def push_layer(parent: Index, upper: str, store: ChunkStore, *, metadata: dict |
     upper_files: list[tuple[int, bytes, int, bool]] = []  # (new inode, path, size, maybe sparse): to store
     parent_links: dict[int, int] = {}  # parent inode of a hardlinked file -> its new inode
     upper_links: dict[tuple[int, int], int] = {}
-    total = 0
 
     def add_parent(ino: int, parent_ino: int) -> int:
         attrs = parent.attributes(ino)
@@ -106,7 +103,6 @@ def push_layer(parent: Index, upper: str, store: ChunkStore, *, metadata: dict |
         return new
 
     def add_upper(path: bytes, st: os.stat_result, parent_ino: int) -> int:
-        nonlocal total
         kind = stat.S_IFMT(st.st_mode)
         new = builder.add(mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
                           size=st.st_size if kind == stat.S_IFREG else 0, mtime_ns=st.st_mtime_ns,
@@ -114,7 +110,6 @@ def push_layer(parent: Index, upper: str, store: ChunkStore, *, metadata: dict |
                           symlink=os.readlink(path) if kind == stat.S_IFLNK else None, xattrs=_upper_xattrs(path))
         if kind == stat.S_IFREG and st.st_size:
             upper_files.append((new, path, st.st_size, st.st_blocks * 512 < st.st_size))
-            total += st.st_size
         return new
 
     # A directory to list: (new inode, its parent-image inode or None, its upper path or None, opaque).
@@ -171,34 +166,12 @@ def push_layer(parent: Index, upper: str, store: ChunkStore, *, metadata: dict |
             builder.set_children(directory_ino, children)
         pending = next_level
 
-    done = 0
-    done_lock = threading.Lock()
-
-    def advance(length: int) -> None:
-        nonlocal done
-        with done_lock:
-            done += length
-            current = done
-        progress(current, total)
-
     file_chunks = list(parent_chunks.values())
     for ino, chunks in parent_chunks.items():
         builder.set_chunks(ino, chunks)
-    with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 2) as pool:
-        batches: list[list] = [[]]
-        batch_bytes = 0
-        for file in upper_files:
-            if batch_bytes >= 4 * chunk_size or len(batches[-1]) >= 256:
-                batches.append([])
-                batch_bytes = 0
-            batches[-1].append(file)
-            batch_bytes += file[2]
-        futures = [pool.submit(push_files, batch, chunk_size, uploader, advance if progress else None)
-                   for batch in batches if batch]
-        for future in futures:
-            for ino, chunks in future.result():
-                builder.set_chunks(ino, chunks)
-                file_chunks.append(chunks)
+    for ino, chunks in store_files(upper_files, uploader, chunk_size=chunk_size, threads=threads, progress=progress):
+        builder.set_chunks(ino, chunks)
+        file_chunks.append(chunks)
 
     all_chunks = [chunk for chunks in file_chunks for chunk in chunks]
     index = builder.build()

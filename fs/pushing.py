@@ -108,9 +108,41 @@ def _push_file(path: bytes, size: int, sparse: bool, chunk_size: int, uploader: 
     return chunks
 
 
-def push_files(batch: list[tuple[int, bytes, int, bool]], chunk_size: int, uploader: Uploader,
+def _push_files(batch: list[tuple[int, bytes, int, bool]], chunk_size: int, uploader: Uploader,
                 progress: Callable[[int], None] | None) -> list[tuple[int, list[Chunk]]]:
     return [(ino, _push_file(path, size, sparse, chunk_size, uploader, progress)) for ino, path, size, sparse in batch]
+
+
+def store_files(files: list[tuple[int, bytes, int, bool]], uploader: Uploader, *, chunk_size: int,
+                threads: int | None, progress: Callable[[int, int], None] | None) -> list[tuple[int, list[Chunk]]]:
+    """Store the data of `files` ((inode, path, size, maybe sparse)) from a thread pool; each inode's chunks.
+
+    `progress(done_bytes, total_bytes)` is called from the workers.
+    """
+    total = sum(file[2] for file in files)
+    done = 0
+    done_lock = threading.Lock()
+
+    def advance(length: int) -> None:
+        nonlocal done
+        with done_lock:
+            done += length
+            current = done
+        progress(current, total)
+
+    with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 2) as pool:
+        # Small files go in batches: a task per 4 KiB header file costs more in the pool than its own work.
+        batches: list[list] = [[]]
+        batch_bytes = 0
+        for file in files:
+            if batch_bytes >= 4 * chunk_size or len(batches[-1]) >= 256:
+                batches.append([])
+                batch_bytes = 0
+            batches[-1].append(file)
+            batch_bytes += file[2]
+        futures = [pool.submit(_push_files, batch, chunk_size, uploader, advance if progress else None)
+                   for batch in batches if batch]
+        return [result for future in futures for result in future.result()]
 
 
 def read_xattrs(path: bytes) -> list[tuple[bytes, bytes]]:
@@ -154,7 +186,6 @@ def push(tree: str, store: ChunkStore, *, chunk_size: int = DEFAULT_CHUNK_SIZE, 
 
     root_ino = add(root, root_stat, 1)
     pending = [(root, root_ino)]
-    total = 0
     while pending:
         next_level = []
         for directory, directory_ino in pending:
@@ -176,39 +207,15 @@ def push(tree: str, store: ChunkStore, *, chunk_size: int = DEFAULT_CHUNK_SIZE, 
                 elif stat.S_ISREG(st.st_mode) and st.st_size:
                     # Only a file with fewer blocks than its size can have holes worth looking for.
                     files.append((ino, entry.path, st.st_size, st.st_blocks * 512 < st.st_size))
-                    total += st.st_size
             builder.set_children(directory_ino, children)
         pending = next_level
 
-    done = 0
-    done_lock = threading.Lock()
-
-    def advance(length: int) -> None:
-        nonlocal done
-        with done_lock:
-            done += length
-            current = done
-        progress(current, total)
-
     file_bytes = 0
-    with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 2) as pool:
-        # Small files go in batches: a task per 4 KiB header file costs more in the pool than its own work.
-        batches: list[list] = [[]]
-        batch_bytes = 0
-        for file in files:
-            if batch_bytes >= 4 * chunk_size or len(batches[-1]) >= 256:
-                batches.append([])
-                batch_bytes = 0
-            batches[-1].append(file)
-            batch_bytes += file[2]
-        futures = [pool.submit(push_files, batch, chunk_size, uploader, advance if progress else None)
-                   for batch in batches if batch]
-        chunk_refs = 0
-        for future in futures:
-            for ino, chunks in future.result():
-                builder.set_chunks(ino, chunks)
-                chunk_refs += len(chunks)
-                file_bytes += sum(chunk.length for chunk in chunks)
+    chunk_refs = 0
+    for ino, chunks in store_files(files, uploader, chunk_size=chunk_size, threads=threads, progress=progress):
+        builder.set_chunks(ino, chunks)
+        chunk_refs += len(chunks)
+        file_bytes += sum(chunk.length for chunk in chunks)
 
     index = builder.build()
     digest, stored = objects.encode(index, level)
