@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -1035,11 +1036,20 @@ def _lookup_id(rootfs: str, table: str, name: str, user: str) -> tuple[int, int]
 
 
 def _table(rootfs: str, table: str) -> list[list[str]]:
+    from coldbrew.runtime import libc
+
+    root = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        with open(os.path.join(rootfs, table), errors="replace") as file:
-            return [line.rstrip("\n").split(":") for line in file if line.strip() and not line.startswith("#")]
-    except FileNotFoundError:
-        return []
+        # resolved inside the image: its /etc/passwd may be a symlink to an absolute path
+        fd = libc.openat2(root, table, os.O_RDONLY | os.O_CLOEXEC, libc.RESOLVE_IN_ROOT | libc.RESOLVE_NO_MAGICLINKS)
+    except OSError as error:
+        if error.errno == errno.ENOENT:
+            return []
+        raise
+    finally:
+        os.close(root)
+    with open(fd, errors="replace") as file:
+        return [line.rstrip("\n").split(":") for line in file if line.strip() and not line.startswith("#")]
 
 
 def _run_container(context: _Context, bundle: str, step: Step) -> tuple[int | None, list[str]]:

@@ -501,6 +501,19 @@ def test_image_users_from_passwd(tmp_path: Path) -> None:
         resolve_user(str(tmp_path), "nobody")
 
 
+def test_image_user_tables_resolve_inside_the_image(tmp_path: Path) -> None:
+    """An image's /etc/passwd that is a symlink to an absolute path names the image's file, never the host's."""
+    from coldbrew.imagebuild.build import resolve_user
+
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "users").write_text("app:x:4242:4343::/:/bin/sh\n")
+    (tmp_path / "etc" / "passwd").symlink_to("/etc/users")  # on the host: no such file, or another one
+    (tmp_path / "etc" / "group").symlink_to("/../../etc/users")
+    assert resolve_user(str(tmp_path), "app") == (4242, 4343)
+    with pytest.raises(ImageBuildError, match="'root' is not in the image's /etc/passwd"):
+        resolve_user(str(tmp_path), "root")  # the host's /etc/passwd has root: it must not be read
+
+
 # --- fs/layer.py: an index from the parent's and an overlay upper directory --------------------------------------
 
 def _base_tree(path: Path) -> None:
