@@ -1,5 +1,7 @@
 """The demo: build a busybox-static bundle with resource limits and run it with `coldbrew run`; then push the same
-tree into a content-addressed store and run a container from the image reference on a lazy, writable root."""
+tree into a content-addressed store and run a container from the image reference on a lazy, writable root; then run
+a program with a slow start twice under `coldbrew run --snapshot`: cold the first time, restored at its warm point
+the second."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from coldbrew.bench.bundles import busybox_config, make_rootfs, write_bundle
@@ -21,6 +24,14 @@ show memory /sys/fs/cgroup/memory/memory.limit_in_bytes; show memory /sys/fs/cgr
 show pids /sys/fs/cgroup/pids/pids.max; show pids /sys/fs/cgroup/pids.max
 show cpu-quota /sys/fs/cgroup/cpu/cpu.cfs_quota_us; show cpu /sys/fs/cgroup/cpu.max
 echo "== capabilities: $(grep CapEff /proc/self/status)"
+"""
+
+# A program with a slow start and a warm point (the protocol of coldbrew.snapshot.warmpoint, from a shell).
+WARM_SCRIPT = r"""
+echo "== warming up: 3 s of start-up work"; sleep 3; token=$(cat /proc/sys/kernel/random/uuid)
+answer=none
+if [ -n "$COLDBREW_WARM_FD" ]; then echo ready >&3; read answer <&4; fi
+echo "== warm ($answer); the token drawn while warming up: $token"
 """
 
 
@@ -51,7 +62,33 @@ def main() -> int:
             print(f"== the container's write landed in its own layer: {root}/upper/hello", flush=True)
         finally:
             shell([coldbrew, "fs", "rm-rootfs", root])
-        return code
+        if code:
+            return code
+        return warm_start_demo(coldbrew, Path(tmp), rootfs, store)
+
+
+def warm_start_demo(coldbrew: str, tmp: Path, rootfs: Path, store: str) -> int:
+    from coldbrew.snapshot import CriuNotFound, find_criu
+
+    try:
+        find_criu()
+    except CriuNotFound as error:
+        print(f"== no snapshot demo: {error}", flush=True)
+        return 0
+    bundle = tmp / "warm-bundle"
+    bundle.mkdir()
+    write_bundle(bundle, busybox_config(rootfs, ["sh", "-c", WARM_SCRIPT]))
+    os.environ["COLDBREW_SNAPSHOT_CACHE"] = str(tmp / "snapshot-cache")
+    key = f"demo-{os.getpid()}"
+    for attempt in ("cold: snapshot at the warm point", "restored from the snapshot"):
+        print(f"== run --snapshot {key}, {attempt}", flush=True)
+        started = time.perf_counter()
+        code = shell([coldbrew, "run", "--snapshot", key, "--snapshot-store", store, "--bundle", str(bundle),
+                      f"demo-warm-{os.getpid()}"])
+        print(f"== {time.perf_counter() - started:.2f} s", flush=True)
+        if code:
+            return code
+    return 0
 
 
 def shell(argv: list[str], capture: bool = False) -> str | int:
