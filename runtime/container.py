@@ -15,7 +15,7 @@ import _socket  # the C core: the `socket` wrapper module costs ~3 ms of every s
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Callable
+    from typing import Any, Callable, Sequence
 
 from . import exec_shim, init, libc, state as statedir
 from .errors import ContainerExists, ContainerNotFound, InvalidState, NotRunning, RuntimeFailure, SpecError
@@ -70,11 +70,16 @@ class Runtime:
 
     def create(self, container_id: str, bundle: str, *, console_socket: str | None = None,
                pid_file: str | None = None, no_pivot: bool = False, preserve_fds: int = 0,
-               stdio: tuple[int, int, int] | None = None) -> "Container":
+               stdio: tuple[int, int, int] | None = None, extra_fds: Sequence[int] = ()) -> "Container":
         """Create the container: its init waits in the new namespaces, rootfs ready, until :meth:`Container.start`.
 
         `stdio` gives the process's stdin, stdout and stderr descriptors; by default it inherits this process's.
+        `preserve_fds` passes this process's descriptors 3 .. 3 + preserve_fds - 1 on at the same numbers;
+        `extra_fds[i]` (this process's number) becomes the process's descriptor 3 + preserve_fds + i, without
+        touching this process's descriptor table.
         """
+        if extra_fds:
+            extra_fds = _checked_extra_fds(extra_fds)
         sd = statedir.StateDir(self.root, container_id)
         if sd.exists():
             raise ContainerExists(container_id)
@@ -112,7 +117,7 @@ class Runtime:
                                      state_dirfd=dirfd, seccomp_program=seccomp,
                                      seccomp_flags=spec.seccomp.flags if spec.seccomp else 0,
                                      shim_fd=exec_shim.shim_fd(), no_pivot=no_pivot, preserve_fds=preserve_fds,
-                                     stdio=stdio)
+                                     stdio=stdio, extra_fds=tuple(extra_fds))
                 if console_socket:
                     from . import console
 
@@ -259,6 +264,20 @@ def _with_default_devices(spec: Spec) -> Any:
         DeviceRule(True, "c", 10, 200, "rwm"),
     )
     return resources.replace(devices=resources.devices + defaults)
+
+
+def _checked_extra_fds(extra_fds: Sequence[int]) -> tuple[int, ...]:
+    """`extra_fds` as a tuple, each an open descriptor of this process (RuntimeFailure naming the first that is not)."""
+    import fcntl
+
+    for fd in extra_fds:
+        if type(fd) is not int or fd < 0:
+            raise RuntimeFailure(f"extra_fds: {fd!r} is not a descriptor number")
+        try:
+            fcntl.fcntl(fd, fcntl.F_GETFD)
+        except OSError:
+            raise RuntimeFailure(f"extra_fds: descriptor {fd} is not open") from None
+    return tuple(extra_fds)
 
 
 def _spawn(plan: init.InitPlan, cgroup: Any, pids: list[int], on_message: Any) -> int:

@@ -43,13 +43,13 @@ class InitPlan:
     """Everything the child needs, prepared by the parent before fork (so the child computes nothing heavy)."""
 
     __slots__ = ("spec", "process", "state", "cgroup_paths", "state_dirfd", "console_fd", "seccomp_program",
-                 "seccomp_flags", "shim_fd", "no_pivot", "preserve_fds", "join_pid", "stdio")
+                 "seccomp_flags", "shim_fd", "no_pivot", "preserve_fds", "join_pid", "stdio", "extra_fds")
 
     def __init__(self, spec: Spec, process: Process, state: dict, *, cgroup_paths: dict[str, str] | None = None,
                  state_dirfd: int | None = None, console_fd: int | None = None,
                  seccomp_program: bytes | None = None, seccomp_flags: int = 0, shim_fd: int | None = None,
                  no_pivot: bool = False, preserve_fds: int = 0, join_pid: int | None = None,
-                 stdio: tuple[int, int, int] | None = None) -> None:
+                 stdio: tuple[int, int, int] | None = None, extra_fds: tuple[int, ...] = ()) -> None:
         self.spec = spec
         self.process = process
         self.state = state  # OCI state for hooks run by the child
@@ -63,6 +63,7 @@ class InitPlan:
         self.preserve_fds = preserve_fds
         self.join_pid = join_pid  # exec only: the container's init, whose namespaces we enter
         self.stdio = stdio  # the process's stdin, stdout, stderr; None: inherit ours
+        self.extra_fds = extra_fds  # placed at 3 + preserve_fds, 3 + preserve_fds + 1, ... in the process
 
 
 def send(sock: _socket.socket, message: dict) -> None:
@@ -102,6 +103,8 @@ def child_main(plan: InitPlan, sock: _socket.socket) -> NoReturn:
         libc.prctl(libc.PR_SET_DUMPABLE, 0)  # the container may not open /proc/<us>/exe or ptrace us
         with open("/proc/self/comm", "w") as f:  # inherited by stage 2: the parent finds it by this name
             f.write(stray_name(os.getpid()))
+        # the caller's numbers: copied above every target before stdio is placed over 0-2
+        extra = _lift_extra_fds(plan) if plan.extra_fds else None
         if plan.stdio is not None:
             # through descriptors >= 3 first: one given for a stream may itself be 0-2 (stdio=(5, 0, 0))
             import fcntl
@@ -110,6 +113,8 @@ def child_main(plan: InitPlan, sock: _socket.socket) -> NoReturn:
             for target, fd in enumerate(high):
                 os.dup2(fd, target)
                 os.close(fd)
+        if extra:
+            sock = _place_extra_fds(plan, sock, extra)
         if plan.join_pid is None:
             _stage1_create(plan, sock)
         else:
@@ -121,6 +126,43 @@ def child_main(plan: InitPlan, sock: _socket.socket) -> NoReturn:
         except OSError:  # past "ready" nobody listens: the container's stderr is the only witness
             os.write(2, f"coldbrew: {_describe(e)}\n".encode(errors="replace"))
     os._exit(code)
+
+
+def _lift_extra_fds(plan: InitPlan) -> list[int]:
+    """Copies of plan.extra_fds above their targets (3 + preserve_fds + i): a given descriptor may sit on a target."""
+    import fcntl
+
+    top = 3 + plan.preserve_fds + len(plan.extra_fds)
+    return [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top) for fd in plan.extra_fds]
+
+
+def _place_extra_fds(plan: InitPlan, sock: _socket.socket, lifted: list[int]) -> _socket.socket:
+    """Put the `lifted` copies of plan.extra_fds at 3 + preserve_fds + i (inheritable); returns `sock`, moved if it
+    was in the way.
+
+    Our own descriptors (the socket, the state directory, the shim, the console socket: opened by the parent before
+    fork) may sit on a target too: they move above the targets first, so no dup2 clobbers what is still needed.
+    """
+    import fcntl
+
+    first = 3 + plan.preserve_fds
+    top = first + len(lifted)
+
+    def moved(fd: int | None) -> int | None:
+        if fd is None or not first <= fd < top:
+            return fd
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top)  # the old number is taken over by a dup2 below
+
+    plan.state_dirfd, plan.shim_fd, plan.console_fd = (moved(plan.state_dirfd), moved(plan.shim_fd),
+                                                       moved(plan.console_fd))
+    if first <= sock.fileno() < top:
+        replacement = _socket.socket(fileno=fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, top))
+        sock.detach()  # its number is taken over by a dup2 below
+        sock = replacement
+    for target, fd in enumerate(lifted, first):
+        os.dup2(fd, target)
+        os.close(fd)
+    return sock
 
 
 def stray_name(stage1: int) -> str:
@@ -348,7 +390,7 @@ def _rlim(value: int) -> int:
 
 def _close_host_fds(plan: InitPlan, sock: _socket.socket) -> None:
     keep = {plan.shim_fd, plan.state_dirfd, sock.fileno()}
-    first = 3 + plan.preserve_fds
+    first = 3 + plan.preserve_fds + len(plan.extra_fds)
     for name in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else ():
         fd = int(name)
         if fd >= first and fd not in keep:

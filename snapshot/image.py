@@ -45,20 +45,29 @@ def digest(dirfd: int, name: str) -> tuple[int, str]:
     return size, hasher.hexdigest()
 
 
-def write_record(path: str, record: dict) -> None:
-    """List the image files of `path` into `record` and write it there (atomically: it marks the snapshot done)."""
+def write_record(path: str, record: dict, *, files: dict[str, dict] | None = None) -> None:
+    """List the image files of `path` into `record` and write it there (atomically: it marks the snapshot done).
+
+    `files`: the listing of a record of `path` just written or verified, when only other fields change: its
+    digests are kept rather than recomputed (each file's presence and size are still checked).
+    """
     dirfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        files = {}
-        for name in sorted(os.listdir(dirfd)):
-            if _listed(name) and stat.S_ISREG(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode):
+        names = [name for name in sorted(os.listdir(dirfd))
+                 if _listed(name) and stat.S_ISREG(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode)]
+        if files is None:
+            listing = {}
+            for name in names:
                 size, hexdigest = digest(dirfd, name)
-                files[name] = {"size": size, "blake3": hexdigest}
+                listing[name] = {"size": size, "blake3": hexdigest}
+        else:
+            _check_listing(path, dirfd, names, files)
+            listing = {name: {"size": files[name]["size"], "blake3": files[name]["blake3"]} for name in names}
         try:
             parent = os.readlink(PARENT_LINK, dir_fd=dirfd)
         except OSError:  # no link: not built on a pre-dump
             parent = None
-        record = {**record, "format": FORMAT, "parent": parent, "files": files}
+        record = {**record, "format": FORMAT, "parent": parent, "files": listing}
         tmp = f".{RECORD}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
         with open(fd, "w") as f:
@@ -66,6 +75,19 @@ def write_record(path: str, record: dict) -> None:
         os.rename(tmp, RECORD, src_dir_fd=dirfd, dst_dir_fd=dirfd)
     finally:
         os.close(dirfd)
+
+
+def _check_listing(path: str, dirfd: int, names: list[str], files: dict[str, dict]) -> None:
+    """The given listing `files` names exactly the image files `names` of `path`, with their sizes."""
+    if sorted(files) != names:
+        missing, unlisted = sorted(set(files) - set(names)), sorted(set(names) - set(files))
+        raise SnapshotError(f"snapshot {path}: the file listing given does not match its files (missing: "
+                            f"{', '.join(missing) or 'none'}; not listed: {', '.join(unlisted) or 'none'})")
+    for name in names:
+        size = os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_size
+        if size != files[name].get("size"):
+            raise SnapshotError(f"snapshot {path}: {name} has {size} bytes, the listing given says "
+                                f"{files[name].get('size')}")
 
 
 class Snapshot:

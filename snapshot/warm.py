@@ -50,7 +50,6 @@ and the run starts cold and replaces it at the warm point: what a user wants fro
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -67,7 +66,7 @@ from dataclasses import dataclass, field
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Callable, Iterator
+    from typing import Any, Callable
 
     from ..fs.store import ChunkStore
     from ..runtime.container import Container, Runtime
@@ -223,16 +222,6 @@ def host_fields(bundle: str, criu: criu_mod.Criu) -> dict[str, Any]:
 
 # ---- descriptors --------------------------------------------------------------------------------------------
 
-def _pipe() -> tuple[int, int]:
-    """A pipe whose ends are above the descriptors a container is given (0-4), close-on-exec."""
-    read, write = os.pipe2(os.O_CLOEXEC)
-    ends = []
-    for fd in (read, write):
-        ends.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10))
-        os.close(fd)
-    return ends[0], ends[1]
-
-
 def _pending(fd: int) -> int:
     """Bytes waiting in the pipe `fd` reads from."""
     return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), "little")
@@ -251,33 +240,6 @@ def _write_all(fd: int, data: bytes) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _placed(fds: tuple[int, ...], first: int) -> Iterator[None]:
-    """`fds` at `first`, `first + 1`, ... (inheritable) for the duration, and what was there put back after.
-
-    Runtime.create hands a container the caller's descriptors from 3 on (preserve_fds); the warm pipes must be
-    there while it forks. Another thread of the caller using those numbers meanwhile would see the pipes.
-    """
-    saved: list[tuple[int, int | None, bool]] = []
-    try:
-        for offset, fd in enumerate(fds):
-            target = first + offset
-            try:
-                inheritable = os.get_inheritable(target)
-                saved.append((target, fcntl.fcntl(target, fcntl.F_DUPFD_CLOEXEC, 10), inheritable))
-            except OSError:
-                saved.append((target, None, False))
-            os.dup2(fd, target)
-        yield
-    finally:
-        for target, old, inheritable in reversed(saved):
-            if old is None:
-                os.close(target)
-            else:
-                os.dup2(old, target, inheritable=inheritable)
-                os.close(old)
-
-
 class _Relay:
     """The container's stdin, stdout and stderr as pipes, copied from and to the caller's descriptors."""
 
@@ -285,15 +247,15 @@ class _Relay:
         self.source, self.stdout, self.stderr = stdio if stdio is not None else (0, 1, 2)
         made: list[int] = []
         try:
-            in_read, self.in_write = _pipe()
+            in_read, self.in_write = os.pipe2(os.O_CLOEXEC)
             made += [in_read, self.in_write]
             # Our own handle on the program's stdin: to take unread input aside around a dump (FIONREAD + read:
             # never O_NONBLOCK, which the program's end would share)
             self.in_keep = fcntl.fcntl(in_read, fcntl.F_DUPFD_CLOEXEC, 10)
             made.append(self.in_keep)
-            self.out_read, out_write = _pipe()
+            self.out_read, out_write = os.pipe2(os.O_CLOEXEC)
             made += [self.out_read, out_write]
-            self.err_read, err_write = _pipe()
+            self.err_read, err_write = os.pipe2(os.O_CLOEXEC)
             made += [self.err_read, err_write]
         except BaseException:
             for fd in made:
@@ -411,9 +373,9 @@ class _WarmPipes:
     """READY (the program writes its line) and REPLY (the runtime answers), see the module's docstring."""
 
     def __init__(self) -> None:
-        self.ready_read, ready_write = _pipe()
+        self.ready_read, ready_write = os.pipe2(os.O_CLOEXEC)
         try:
-            reply_read, self.reply_write = _pipe()
+            reply_read, self.reply_write = os.pipe2(os.O_CLOEXEC)
         except BaseException:
             os.close(self.ready_read)
             os.close(ready_write)
@@ -633,7 +595,7 @@ def _stdio_by_identity(image_dir: str, keys: tuple[str, str, str]) -> None:
         if key in held:
             descriptors[str(number)] = {"key": key, "type": stat.S_IFIFO}
     record["descriptors"] = descriptors
-    image.write_record(image_dir, record)
+    image.write_record(image_dir, record, files=record["files"])  # only the descriptors change: no re-hashing
 
 
 def start(runtime: Runtime, container_id: str, bundle: str, *, stdio: tuple[int, int, int] | None = None,
@@ -645,9 +607,8 @@ def start(runtime: Runtime, container_id: str, bundle: str, *, stdio: tuple[int,
         relay = _Relay(stdio)
         warm = _WarmPipes()
         assert warm.child is not None and relay.child is not None
-        with _placed(warm.child, WARM_FD):
-            container = runtime.create(container_id, run_bundle.path, stdio=relay.child, pid_file=pid_file,
-                                       no_pivot=no_pivot, preserve_fds=2)
+        container = runtime.create(container_id, run_bundle.path, stdio=relay.child, pid_file=pid_file,
+                                   no_pivot=no_pivot, extra_fds=warm.child)  # at WARM_FD and REPLY_FD
         relay.close_child()
         warm.close_child()
         try:

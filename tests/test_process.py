@@ -235,3 +235,102 @@ def test_seccomp_program_is_compiled_once_per_profile(runtime, bundles, cid, tmp
                                                                     edit=edit), tmp_path)
         assert code == 0 and "denied" in out, out
     assert len(compiled) <= 1  # compiled once, or not at all if an earlier test left it cached
+
+
+# ---- extra_fds ---------------------------------------------------------------------------------------------------
+
+def _pipes(n: int) -> list[tuple[int, int]]:
+    return [os.pipe() for _ in range(n)]  # close-on-exec here: the container gets them through extra_fds only
+
+
+def _read_all(fd: int) -> str:
+    chunks = []
+    while data := os.read(fd, 4096):
+        chunks.append(data)
+    return b"".join(chunks).decode()
+
+
+def _run_writing_fd_names(runtime, bundles, cid, tmp_path, numbers: list[int], **create_options) -> tuple[int, str]:
+    """Run a container in which descriptor N (for each N of `numbers`) writes what it leads to into itself."""
+    script = "; ".join(f"readlink /proc/self/fd/{n} >&{n}" for n in numbers)
+    return run_capture(runtime, cid, bundles.make(["sh", "-c", script]), tmp_path, **create_options)
+
+
+def test_extra_fd_lands_at_3_and_the_caller_is_untouched(runtime, bundles, cid, tmp_path):
+    [(read, write)] = _pipes(1)
+    before = {fd: os.fstat(fd) for fd in (3, 4) if _open(fd)}
+    try:
+        code, out = _run_writing_fd_names(runtime, bundles, cid, tmp_path, [3], extra_fds=(write,))
+        after = {fd: os.fstat(fd) for fd in (3, 4) if _open(fd)}
+        os.close(write)
+        assert code == 0, out
+        assert _read_all(read) == f"pipe:[{os.fstat(read).st_ino}]\n"
+    finally:
+        os.close(read)
+    assert {fd: (st.st_dev, st.st_ino) for fd, st in after.items()} == \
+        {fd: (st.st_dev, st.st_ino) for fd, st in before.items()}
+
+
+def _open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+def test_extra_fds_follow_preserved_fds(runtime, bundles, cid, tmp_path):
+    (read_a, write_a), (read_b, write_b) = _pipes(2)
+    try:
+        code, out = _run_writing_fd_names(runtime, bundles, cid, tmp_path, [4, 5], preserve_fds=1,
+                                          extra_fds=(write_a, write_b))
+        os.close(write_a)
+        os.close(write_b)
+        assert code == 0, out
+        assert _read_all(read_a) == f"pipe:[{os.fstat(read_a).st_ino}]\n"
+        assert _read_all(read_b) == f"pipe:[{os.fstat(read_b).st_ino}]\n"
+    finally:
+        os.close(read_a)
+        os.close(read_b)
+
+
+def test_extra_fd_numbered_as_another_ones_target(runtime, bundles, cid, tmp_path):
+    """extra_fds=(b, a) with a's number being b's target: a must be copied before b lands on it."""
+    (read_a, write_a), (read_b, write_b) = _pipes(2)
+    preserve = write_a - 3  # the target of extra_fds[0] is write_a's number, extra_fds[1] (write_a) goes above
+    try:
+        code, out = _run_writing_fd_names(runtime, bundles, cid, tmp_path, [write_a, write_a + 1],
+                                          preserve_fds=preserve, extra_fds=(write_b, write_a))
+        os.close(write_a)
+        os.close(write_b)
+        assert code == 0, out
+        assert _read_all(read_b) == f"pipe:[{os.fstat(read_b).st_ino}]\n"
+        assert _read_all(read_a) == f"pipe:[{os.fstat(read_a).st_ino}]\n"
+    finally:
+        os.close(read_a)
+        os.close(read_b)
+
+
+def test_extra_fds_over_the_runtimes_own_descriptors(runtime, bundles, cid, tmp_path):
+    """Targets from the lowest free number on: where create opens its state directory and init socket."""
+    [(read, write)] = _pipes(1)
+    lowest = os.dup(0)
+    os.close(lowest)
+    count = 6
+    try:
+        code, out = _run_writing_fd_names(runtime, bundles, cid, tmp_path, list(range(lowest, lowest + count)),
+                                          preserve_fds=lowest - 3, extra_fds=(write,) * count)
+        os.close(write)
+        assert code == 0, out
+        assert _read_all(read) == f"pipe:[{os.fstat(read).st_ino}]\n" * count
+    finally:
+        os.close(read)
+
+
+def test_extra_fds_closed_descriptor_is_refused(runtime, bundles, cid):
+    read, write = os.pipe()
+    os.close(read)
+    os.close(write)
+    with pytest.raises(RuntimeFailure, match=f"extra_fds: descriptor {write} is not open"):
+        runtime.create(cid, bundles.make(["true"]), extra_fds=(write,))
+    assert runtime.list() == []

@@ -516,3 +516,32 @@ def test_cli_refuses_what_a_snapshot_run_cannot_do(env, bundles):
     result = run_through_files([COLDBREW, "--root", env.root, "run", "--snapshot", "", "-b", str(bundle), env.cid])
     assert result.returncode == 1 and "--snapshot needs a key" in result.stderr
     assert "--snapshot-store" in run_through_files([COLDBREW, "run", "--help"]).stdout
+
+
+def test_write_record_with_a_given_listing_keeps_its_digests(tmp_path):
+    """A record-only rewrite (warm's descriptors by identity) reuses the listing: files are not hashed again."""
+    from coldbrew.snapshot import image
+    from coldbrew.snapshot.errors import SnapshotError
+
+    (tmp_path / "pages-1.img").write_bytes(b"a" * 5000)
+    (tmp_path / "core-1.img").write_bytes(b"core")
+    (tmp_path / "dump.log").write_text("not listed")
+    base = {"kind": image.DUMP, "container": {"id": "c"}}
+    image.write_record(str(tmp_path), base)
+    files = image.Snapshot.open(str(tmp_path)).record["files"]
+    assert sorted(files) == ["core-1.img", "pages-1.img"]
+    # same size, other content: a rehash would list the new digest, a reused listing keeps the old one
+    (tmp_path / "pages-1.img").write_bytes(b"b" * 5000)
+    image.write_record(str(tmp_path), {**base, "descriptors": {"0": {"key": "pipe:[1]"}}}, files=files)
+    rewritten = image.Snapshot.open(str(tmp_path), verify=False).record
+    assert rewritten["files"] == files and rewritten["descriptors"] == {"0": {"key": "pipe:[1]"}}
+    with pytest.raises(SnapshotError, match="pages-1.img does not have the content"):
+        image.Snapshot.open(str(tmp_path))
+    # a listing that does not fit the directory is refused, naming the file; the record is left as it was
+    (tmp_path / "pages-1.img").write_bytes(b"b" * 10)
+    with pytest.raises(SnapshotError, match="pages-1.img has 10 bytes, the listing given says 5000"):
+        image.write_record(str(tmp_path), base, files=files)
+    (tmp_path / "extra.img").write_bytes(b"x")
+    with pytest.raises(SnapshotError, match="not listed: extra.img"):
+        image.write_record(str(tmp_path), base, files=files)
+    assert image.Snapshot.open(str(tmp_path), verify=False).record == rewritten
