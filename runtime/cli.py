@@ -509,6 +509,8 @@ def _log(args: Namespace, level: str, message: str) -> None:
 
 # Command groups beyond runc's verbs, each a module with its own `main(argv) -> int` (imported only when used).
 GROUPS = {"fs": "coldbrew.fs.cli", "gpu": "coldbrew.runtime.gpu_cli", "image": "coldbrew.imagebuild.cli"}
+GROUP_HELP = {"fs": "push, mount and serve lazily fetched images", "gpu": "GPU inventory, health and CDI specs",
+              "image": "build images defined in Python, import OCI images, make bundles"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -527,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.help or (not args.verb and not args.version):
         sys.stdout.write(usage(GLOBAL_OPTIONS, verbs, args.verb))
+        if not args.verb:
+            sys.stdout.write("\ncommand groups (coldbrew GROUP --help):\n" + "".join(
+                f"  {name:<10} {about}\n" for name, about in GROUP_HELP.items()))
         return 0
     if args.version:
         print(f"coldbrew version {VERSION}\ncommit: none\nspec: {SPEC_VERSION}")
