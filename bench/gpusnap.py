@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..fs.mounts import mount_table
 from .report import Result, Row, Target, percentile, render_table
 
 PORT = 7777
@@ -135,15 +136,6 @@ def container_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _mount_points() -> list[str]:
-    points = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = line.split()[4]
-            points.append(point.encode().decode("unicode_escape"))  # \040 and the like
-    return points
-
-
 _BINDS: dict[str, list[str]] = {}  # python -> its binds: the probe takes seconds (torch, CUDA)
 
 
@@ -164,7 +156,7 @@ def _probe_binds(python: str) -> list[str]:
     probe = json.loads(result.stdout.strip().splitlines()[-1])
     needed = {*probe["files"], *probe["path"], os.path.dirname(probe["executable"]), probe["executable"],
               probe["prefix"], probe["base_prefix"], "/etc"}
-    points = sorted(_mount_points(), key=len, reverse=True)
+    points = sorted((entry.point for entry in mount_table()), key=len, reverse=True)
     binds = set()
     for path in needed:
         name = os.path.realpath(path)  # the top-level links (usr-merged /lib) are the rootfs's own

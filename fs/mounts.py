@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from typing import NamedTuple
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
@@ -21,31 +22,55 @@ def canonical(mountpoint: str) -> str:
     return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
 
 
-def _unescape(field: bytes) -> bytes:
-    # mountinfo octal-escapes space, tab, newline and backslash.
+def unescape(field: str) -> str:
+    """A mountinfo field without its octal escapes (space, tab, newline and backslash are escaped)."""
+    raw = os.fsencode(field)
     out = bytearray()
     k = 0
-    while k < len(field):
-        if field[k] == 0x5C and field[k + 1: k + 4].isdigit():
-            out.append(int(field[k + 1: k + 4], 8))
+    while k < len(raw):
+        if raw[k] == 0x5C and raw[k + 1: k + 4].isdigit():
+            out.append(int(raw[k + 1: k + 4], 8))
             k += 4
         else:
-            out.append(field[k])
+            out.append(raw[k])
             k += 1
-    return bytes(out)
+    return os.fsdecode(bytes(out))
+
+
+class MountInfo(NamedTuple):
+    point: str  # unescaped
+    device: str  # major:minor
+    fstype: str
+    source: str  # unescaped
+    options: str  # the superblock's options, as mountinfo writes them (escaped)
+
+
+def mount_table() -> list[MountInfo]:
+    """/proc/self/mountinfo, in mount order (a later entry on the same point is on top)."""
+    table = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            separator = fields.index("-")
+            table.append(MountInfo(unescape(fields[4]), fields[2], fields[separator + 1],
+                                   unescape(fields[separator + 2]),
+                                   fields[separator + 3] if len(fields) > separator + 3 else ""))
+    return table
 
 
 def mount_entry(mountpoint: str) -> tuple[str, str] | None:
     """(major:minor, filesystem type) of the topmost mount at `mountpoint` (a canonical path), or None."""
-    target = os.fsencode(mountpoint)
     found = None
-    with open("/proc/self/mountinfo", "rb") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
-            if _unescape(fields[4]) == target:
-                separator = fields.index(b"-")
-                found = (fields[2].decode(), fields[separator + 1].decode())
+    for entry in mount_table():
+        if entry.point == mountpoint:
+            found = (entry.device, entry.fstype)
     return found
+
+
+def mounts_below(directory: str) -> list[str]:
+    """The mount points strictly below `directory` (a real path), deepest first: the order to unmount them in."""
+    prefix = directory.rstrip("/") + "/"
+    return sorted((entry.point for entry in mount_table() if entry.point.startswith(prefix)), key=len, reverse=True)
 
 
 def mounted(path: str) -> bool:

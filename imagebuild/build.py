@@ -723,14 +723,10 @@ def _bootstrap_debian(context: _Context, number: int, step: Step) -> StepRecord:
 def remove_tree(directory: str) -> None:
     """rmtree of a build's own directory, after detaching anything still mounted below it (a chroot's /proc left by
     an interrupted mmdebstrap, a step root whose unmount failed): rmtree must never descend into a mount."""
-    from coldbrew.fs.mounts import umount
+    from coldbrew.fs.mounts import mounts_below, umount
 
-    prefix = os.fsencode(os.path.realpath(directory)) + b"/"
-    with open("/proc/self/mountinfo", "rb") as mountinfo:
-        points = [re.sub(rb"\\([0-7]{3})", lambda match: bytes([int(match.group(1), 8)]), line.split()[4])
-                  for line in mountinfo]
-    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
-        umount(os.fsdecode(point), detach=True)
+    for point in mounts_below(os.path.realpath(directory)):
+        umount(point, detach=True)
     shutil.rmtree(directory, ignore_errors=True)
 
 

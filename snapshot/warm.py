@@ -68,6 +68,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Callable
 
+    from ..fs.mounts import MountInfo
     from ..fs.store import ChunkStore
     from ..runtime.container import Container, Runtime
 
@@ -110,38 +111,12 @@ def spec_digest(raw: dict) -> str:
     return digest_of(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hex()
 
 
-def _unescape(field: str) -> str:
-    """mountinfo's octal escapes (space, tab, newline, backslash)."""
-    out, k = [], 0
-    while k < len(field):
-        if field[k] == "\\" and field[k + 1:k + 4].isdigit():
-            out.append(chr(int(field[k + 1:k + 4], 8)))
-            k += 4
-        else:
-            out.append(field[k])
-            k += 1
-    return "".join(out)
-
-
-def _mounts() -> list[dict[str, str]]:
-    table = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            dash = fields.index("-")
-            table.append({"point": _unescape(fields[4]), "device": fields[2], "type": fields[dash + 1],
-                          "source": _unescape(fields[dash + 2]),
-                          "options": fields[dash + 3] if len(fields) > dash + 3 else ""})
-    return table
-
-
-def _mount_of(path: str, table: list[dict[str, str]]) -> dict[str, str]:
+def _mount_of(path: str, table: list[MountInfo]) -> MountInfo:
     """The topmost mount that `path` (a real path) lies in."""
     best = None
     for entry in table:
-        point = entry["point"]
-        if path == point or path.startswith(point.rstrip("/") + "/"):
-            if best is None or len(point) >= len(best["point"]):
+        if path == entry.point or path.startswith(entry.point.rstrip("/") + "/"):
+            if best is None or len(entry.point) >= len(best.point):
                 best = entry
     assert best is not None  # "/" is always mounted
     return best
@@ -161,22 +136,25 @@ def _coldbrew_reference(mountpoint: str) -> str | None:
 def image_identity(root_path: str) -> str:
     """The `image` field of a root filesystem (see the module's docstring)."""
     root = os.path.realpath(root_path)
-    table = _mounts()
+    from ..fs.mounts import mount_table, unescape
+
+    table = mount_table()
     mount = _mount_of(root, table)
-    if mount["point"] == root:
+    if mount.point == root:
         candidate = None
-        if mount["type"] == "fuse.coldbrew":
+        if mount.fstype == "fuse.coldbrew":
             candidate = root
-        elif mount["type"] == "overlay":
-            lowers = [o.partition("=")[2] for o in mount["options"].split(",") if o.startswith("lowerdir=")]
+        elif mount.fstype == "overlay":
+            lowers = [o.partition("=")[2] for o in mount.options.split(",") if o.startswith("lowerdir=")]
             if len(lowers) == 1 and ":" not in lowers[0]:
-                lower = _unescape(lowers[0])
-                if _mount_of(lower, table)["point"] == lower and _mount_of(lower, table)["type"] == "fuse.coldbrew":
+                lower = unescape(lowers[0])
+                below = _mount_of(lower, table)
+                if below.point == lower and below.fstype == "fuse.coldbrew":
                     candidate = lower
         reference = _coldbrew_reference(candidate) if candidate else None
         if reference:
             return f"coldbrew.fs:{reference}"
-    return (f"path:{root} on {mount['type']} {mount['source']} ({mount['device']}), "
+    return (f"path:{root} on {mount.fstype} {mount.source} ({mount.device}), "
             f"inode {os.stat(root).st_ino}")
 
 

@@ -24,7 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from coldbrew.bench.bundles import make_rootfs
+from coldbrew.fs.mounts import mounts_below
 from coldbrew.imagebuild.oci import ImageConfig, ImageImportError, ImportLimits, apply_layer, import_oci
+from conftest import HostPaths
 
 TOOLS = ("umoci", "skopeo", "buildah", "podman")
 needs_tools = pytest.mark.skipif(not all(shutil.which(t) for t in TOOLS),
@@ -209,23 +211,6 @@ def manifest_of(layout: Path) -> dict:
 # ---- images made by real tools -----------------------------------------------------------------------------
 
 
-class _HostPaths:
-    """Paths skopeo, buildah and podman make outside their private directories (the blob info cache, netavark's
-    lock and run directory, libpod's run directory): at teardown, remove those that were not there before."""
-
-    PATHS = ("/var/lib/containers", "/run/containers", "/etc/containers/networks", "/run/libpod")
-
-    def __init__(self) -> None:
-        self.new = [p for p in self.PATHS if not os.path.lexists(p)]
-
-    def remove(self) -> None:
-        for path in self.new:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-            elif os.path.lexists(path):
-                os.unlink(path)
-
-
 def _run(*args: str | Path) -> str:
     result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"{' '.join(map(str, args))}: {result.stderr}"
@@ -233,9 +218,7 @@ def _run(*args: str | Path) -> str:
 
 
 def _unmount_below(base: Path) -> None:
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
-    for point in sorted((p for p in points if p.startswith(f"{base}/")), key=len, reverse=True):
+    for point in mounts_below(os.path.realpath(base)):
         subprocess.run(["umount", "-l", point], check=False)
 
 
@@ -330,7 +313,8 @@ class RealImages:
 def real_images(tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp("real-images")
     short = Path(tempfile.mkdtemp(prefix="cb-oci-"))
-    host = _HostPaths()
+    # what skopeo, buildah and podman make outside their private directories (blob info cache, netavark, libpod)
+    host = HostPaths(["/var/lib/containers", "/run/containers", "/etc/containers/networks", "/run/libpod"])
     try:
         yield RealImages(base, short)
     finally:
