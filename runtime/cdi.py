@@ -39,7 +39,7 @@ import stat
 from collections import namedtuple
 
 from .errors import RuntimeFailure, SpecError
-from .jsonfields import abs_path, array, integer, obj, string, strings
+from .jsonfields import abs_path, array, env_entries, integer, obj, string, strings
 from .spec import DEVICES_INJECTED_ANNOTATION
 
 TYPE_CHECKING = False
@@ -156,10 +156,7 @@ def parse_edits(value: Any, origin: str, field: str) -> ContainerEdits:
 def _parse_edits(value: Any, field: str, origin: str) -> ContainerEdits:
     edits = ContainerEdits()
     data = obj(value, field, optional=True)
-    for i, entry in enumerate(strings(data.get("env"), f"{field}.env")):
-        if entry.find("=") <= 0:
-            raise SpecError(f"{field}.env[{i}]", f"{entry!r} is not of the form NAME=value")
-        edits.env.append(entry)
+    edits.env.extend(env_entries(data.get("env"), f"{field}.env"))
     for i, item in enumerate(array(data.get("deviceNodes"), f"{field}.deviceNodes")):
         p = f"{field}.deviceNodes[{i}]"
         item = obj(item, p)
@@ -194,10 +191,7 @@ def _parse_edits(value: Any, field: str, origin: str) -> ContainerEdits:
         name = string(item.get("hookName"), f"{p}.hookName")
         if name not in HOOK_NAMES:
             raise SpecError(f"{p}.hookName", f"{name!r} is not an OCI hook ({', '.join(HOOK_NAMES)})")
-        env = strings(item.get("env"), f"{p}.env")
-        for j, entry in enumerate(env):
-            if entry.find("=") <= 0:
-                raise SpecError(f"{p}.env[{j}]", f"{entry!r} is not of the form NAME=value")
+        env = env_entries(item.get("env"), f"{p}.env")
         edits.hooks.append({"hookName": name, "path": abs_path(item.get("path"), f"{p}.path"),
                             "args": strings(item.get("args"), f"{p}.args"), "env": env,
                             "timeout": integer(item.get("timeout"), f"{p}.timeout", optional=True, lo=1, hi=86400)})

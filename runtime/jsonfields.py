@@ -65,6 +65,15 @@ def strings(value: Any, path: str) -> list[str]:
     return [string(item, f"{path}[{i}]") for i, item in enumerate(array(value, path))]
 
 
+def env_entries(value: Any, path: str) -> list[str]:
+    """An environment list: strings of the form NAME=value (NAME not empty)."""
+    entries = strings(value, path)
+    for i, entry in enumerate(entries):
+        if entry.find("=") <= 0:
+            raise SpecError(f"{path}[{i}]", f"{entry!r} is not of the form NAME=value")
+    return entries
+
+
 def abs_path(value: Any, path: str) -> str:
     text = string(value, path)
     if not text.startswith("/"):

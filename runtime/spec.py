@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 from . import libc
 from .errors import SpecError
-from .jsonfields import abs_path, array, boolean, integer, obj, string, strings
+from .jsonfields import abs_path, array, boolean, env_entries, integer, obj, string, strings
 
 NAMESPACE_FLAGS = {
     "mount": libc.CLONE_NEWNS,
@@ -72,7 +72,6 @@ HOOK_NAMES = ("prestart", "createRuntime", "createContainer", "startContainer", 
 # Set once the devices a config asks for are injected: the stored config is parsed again (exec, delete), and must not
 # look for them again (a GPU that failed its health check since must not make delete fail).
 DEVICES_INJECTED_ANNOTATION = "coldbrew.devices.injected"
-_ENV_ENTRY = re.compile(r"^[^=]+=", re.S)
 
 
 # ---- the typed spec --------------------------------------------------------------------------------------------
@@ -112,10 +111,7 @@ class Process(namedtuple("Process", "args env cwd terminal console_size user cap
         args = strings(data.get("args"), f"{path}.args")
         if not args:
             raise SpecError(f"{path}.args", "must name the program to run")
-        env = strings(data.get("env"), f"{path}.env")
-        for i, entry in enumerate(env):
-            if not _ENV_ENTRY.match(entry):
-                raise SpecError(f"{path}.env[{i}]", f"{entry!r} is not of the form KEY=value")
+        env = env_entries(data.get("env"), f"{path}.env")
         cwd = abs_path(data.get("cwd", "/"), f"{path}.cwd")
         console = None
         if data.get("consoleSize") is not None:
