@@ -132,3 +132,18 @@ def fork_child(body, *, dumpable: bool = True) -> tuple[int, dict | None]:
         data = pipe.read()
     _, status = os.waitpid(pid, 0)
     return status, json.loads(data) if data else None
+
+
+class HostPaths:
+    """Host paths a real tool (containerd, podman, skopeo) makes outside its private directories: at teardown,
+    remove those that were not there before."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.new = [p for p in paths if not os.path.lexists(p)]
+
+    def remove(self) -> None:
+        for path in self.new:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.lexists(path):
+                os.unlink(path)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from coldbrew.runtime.container import DEFAULT_ROOT
-from conftest import COLDBREW, coldbrew, run_through_files
+from conftest import COLDBREW, HostPaths, coldbrew, run_through_files
 
 IMAGE = "localhost/coldbrew-busybox:test"
 GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x"}
@@ -168,20 +168,6 @@ def _rmdir_quietly(path: Path) -> bool:
     return True
 
 
-class _HostPaths:
-    """Host paths an engine makes outside its private directories; at teardown, remove those that were not there."""
-
-    def __init__(self, paths: list[str]) -> None:
-        self.new = [p for p in paths if not os.path.lexists(p)]
-
-    def remove(self) -> None:
-        for path in self.new:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-            elif os.path.lexists(path):
-                os.unlink(path)
-
-
 def _docker_archive(rootfs: Path, dest: Path) -> Path:
     """A one-layer docker-archive (manifest.json, config, layer tar) of `rootfs`, as `docker save` writes."""
     layer = io.BytesIO()
@@ -313,7 +299,7 @@ def containerd(rootfs: Path, tmp_path_factory: pytest.TempPathFactory):
     # the socket path must fit a sockaddr_un (108 bytes): a short directory of our own, not pytest's tmp_path
     base = Path(tempfile.mkdtemp(prefix="cb-ctrd-"))
     # shims put their sockets in /run/containerd/s and ctr its default fifos in /run/containerd/fifo
-    host = _HostPaths(["/run/containerd"])
+    host = HostPaths(["/run/containerd"])
     daemon = Containerd(base)
     try:
         daemon.start()
@@ -500,7 +486,7 @@ class Podman:
 def podman(rootfs: Path, tmp_path_factory: pytest.TempPathFactory):
     base = Path(tempfile.mkdtemp(prefix="cb-podman-"))
     # what podman writes outside --root/--runroot/--tmpdir: the image copy's blob cache, netavark's and CNI's files
-    host = _HostPaths(["/var/lib/containers", "/run/containers", "/etc/containers/networks", "/run/libpod",
+    host = HostPaths(["/var/lib/containers", "/run/containers", "/etc/containers/networks", "/run/libpod",
                        "/etc/cni/net.d/cni.lock", "/var/lib/cni"])
     engine = Podman(base)
     try:
