@@ -6,10 +6,10 @@ container start, so only the verb's own modules are imported.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
+from . import cjson
 from .cli_args import Namespace, Option, UsageError, Verb, parse, usage
 
 TYPE_CHECKING = False
@@ -211,7 +211,7 @@ def _run_with_snapshot(args: Namespace) -> int:
 
 
 def _forward_signals(pid: int) -> None:
-    import signal
+    import _signal as signal  # the C core: `signal` imports `enum`
 
     def forward(signum: int, _frame: Any) -> None:
         try:
@@ -283,7 +283,7 @@ def _exec(args: Namespace) -> int:
     if args.process:
         with open(args.process, "rb") as f:
             try:
-                raw = json.load(f)
+                raw = cjson.loads(f.read())
             except ValueError as e:
                 from .errors import SpecError
 
@@ -390,7 +390,7 @@ def _update(args: Namespace) -> int:
         source = sys.stdin if args.resources == "-" else open(args.resources)
         with source:
             try:
-                resources = json.load(source)
+                resources = cjson.loads(source.read())
             except ValueError as e:
                 raise SpecError("resources", f"is not valid JSON: {e}") from None
     for flag, (section, key) in _RESOURCE_FLAGS.items():
@@ -422,7 +422,7 @@ def _spec(args: Namespace) -> int:
     if os.path.exists(path):
         raise RuntimeFailure(f"{path} exists: remove it first")
     with open(path, "w") as f:
-        json.dump(default_spec(rootless=args.rootless), f, indent=2)
+        f.write(cjson.dumps(default_spec(rootless=args.rootless), indent=2))
     return 0
 
 
@@ -481,7 +481,7 @@ def _restore(args: Namespace) -> int:
 # ---- plumbing -----------------------------------------------------------------------------------------------------
 
 def _print_json(value: Any, indent: int | None = None) -> None:
-    sys.stdout.write(json.dumps(value, indent=indent) + "\n")
+    sys.stdout.write(cjson.dumps(value, indent=indent) + "\n")
 
 
 def _log_error(args: Namespace, message: str) -> None:
@@ -497,7 +497,7 @@ def _log(args: Namespace, level: str, message: str) -> None:
     from .state import now_rfc3339
 
     if args.log_format == "json":
-        line = json.dumps({"level": level, "msg": message, "time": now_rfc3339()})
+        line = cjson.dumps({"level": level, "msg": message, "time": now_rfc3339()})
     else:
         line = f'time="{now_rfc3339()}" level={level} msg="{message}"'
     try:

@@ -5,10 +5,9 @@ The CLI is a thin layer over this module; nothing here spawns a `coldbrew` proce
 
 from __future__ import annotations
 
-import json
 import os
 import select
-import signal as signals
+import _signal as signals  # the C core: `signal` builds its enums with `enum`, ~5 ms of every start
 import time
 
 import _socket  # the C core: the `socket` wrapper module costs ~3 ms of every start to import
@@ -17,7 +16,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Callable, Sequence
 
-from . import exec_shim, init, libc, state as statedir
+from . import cjson, exec_shim, init, libc, state as statedir
 from .errors import ContainerExists, ContainerNotFound, InvalidState, NotRunning, RuntimeFailure, SpecError
 from .spec import Process, Spec, load_bundle, parse
 
@@ -35,10 +34,21 @@ def parse_signal(value: str | int) -> int:
         return number
     name = str(value).upper()
     name = name if name.startswith("SIG") else "SIG" + name
-    try:
-        return int(getattr(signals.Signals, name))
-    except AttributeError:
-        raise RuntimeFailure(f"unknown signal {value!r}") from None
+    number = getattr(signals, name, None) if _is_signal_name(name) else None
+    if not isinstance(number, int):
+        raise RuntimeFailure(f"unknown signal {value!r}")
+    return number
+
+
+def _signal_name(number: int) -> str:
+    """SIGKILL for 9: the first name in alphabetical order where there are aliases (SIGABRT, not SIGIOT), as
+    signal.Signals names them; "signal N" for a number without a name."""
+    names = [name for name in dir(signals) if _is_signal_name(name) and getattr(signals, name) == number]
+    return min(names) if names else f"signal {number}"
+
+
+def _is_signal_name(name: str) -> bool:
+    return name.startswith("SIG") and not name.startswith("SIG_") and name.isupper()
 
 
 def _exit_code(status: int) -> int:
@@ -236,7 +246,7 @@ def _compiled_seccomp(spec: Spec) -> bytes | None:
     scheduler starts many containers with the same profile: keep the last few programs, keyed by the profile."""
     if spec.seccomp is None:
         return None
-    key = json.dumps(spec.raw["linux"]["seccomp"], sort_keys=True)
+    key = cjson.dumps(spec.raw["linux"]["seccomp"], sort_keys=True)
     program = _SECCOMP_CACHE.pop(key, None)
     if program is None:
         program = spec.seccomp.compile()
@@ -285,7 +295,11 @@ def _spawn(plan: init.InitPlan, cgroup: Any, pids: list[int], on_message: Any) -
     parent_sock, child_sock = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     child = None
     try:
-        child = os.fork()
+        if plan.join_pid is None and init.create_pid_namespace_first(plan.spec):
+            plan.in_new_pid_ns = True
+            child = _fork_into_new_pid_namespace()
+        else:
+            child = os.fork()
         if child == 0:
             parent_sock.close()
             init.child_main(plan, child_sock)
@@ -296,7 +310,7 @@ def _spawn(plan: init.InitPlan, cgroup: Any, pids: list[int], on_message: Any) -
             init.send(parent_sock, {"go": True})
         except OSError:
             pass  # the child already failed: its error message is still queued for the loop below
-        target = None
+        target = child  # unless stage 1 forks a stage 2 and says its pid
         while True:
             try:
                 message = init.recv(parent_sock)
@@ -323,6 +337,24 @@ def _spawn(plan: init.InitPlan, cgroup: Any, pids: list[int], on_message: Any) -
     finally:
         parent_sock.close()
         child_sock.close()
+
+
+def _fork_into_new_pid_namespace() -> int:
+    """os.fork(), the child being pid 1 of a new pid namespace: unshare(CLONE_NEWPID) applies to the calling
+    thread's next child only, and setns back to our own namespace undoes it for the children after."""
+    own = os.open("/proc/thread-self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        libc.unshare(libc.CLONE_NEWPID)
+        try:
+            child = os.fork()
+        except BaseException:
+            libc.setns(own, libc.CLONE_NEWPID)
+            raise
+        if child:
+            libc.setns(own, libc.CLONE_NEWPID)
+        return child
+    finally:
+        os.close(own)
 
 
 def _kill_strays(stage1: int, pids: list[int]) -> None:
@@ -367,7 +399,7 @@ def _death_cause(pids: list[int]) -> str:
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)
             hint = ", out of memory?" if sig == signals.SIGKILL else ""
-            return f" (killed by {signals.Signals(sig).name}{hint})"
+            return f" (killed by {_signal_name(sig)}{hint})"
         return f" (exit status {os.waitstatus_to_exitcode(status)})"
     return ""
 

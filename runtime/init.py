@@ -2,14 +2,17 @@
 
 The runtime forks a child ("stage 1") that enters or creates the namespaces. A new pid namespace only applies to
 children, so stage 1 forks once more and the grandchild ("stage 2") is the container's pid 1; stage 1 reports its pid
-and exits. Parent and child talk over a SOCK_SEQPACKET socketpair, one small JSON message each way per step:
+and exits. Without a user namespace the runtime skips that second fork (a fork of a Python process, with its
+copy-on-write faults, is a tenth of a start): it creates the pid namespace for its own next child, and the child it
+forks is pid 1 from the start (see `create_pid_namespace_first`).
+Parent and child talk over a SOCK_SEQPACKET socketpair, one small JSON message each way per step:
 
     child  -> parent        parent -> child
     ----------------        ----------------
                             {"go"}                   the parent put the child in its cgroup (sent at once,
                                                      while the child sets up namespaces; awaited before fork)
     {"usermap"}             {"ok"}                   new user namespace: the parent writes uid_map/gid_map
-    {"pid": N}                                       stage 2's pid as the host sees it
+    {"pid": N}                                       stage 2's pid as the host sees it (only if there is one)
     {"hooks"}               {"ok"}                   prestart + createRuntime hooks (if any), run by the parent
     {"ready"}                                        created: init now blocks opening exec.fifo until `start`
     {"error": "..."}                                 any failure, then the child exits
@@ -19,7 +22,6 @@ No threads, no heavy imports here: the child of a large process must stay small 
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 
@@ -29,7 +31,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import NoReturn
 
-from . import console, exec_shim, libc, rootfs
+from . import cjson, exec_shim, libc, rootfs
 from .capabilities import Capabilities, permitted_now
 from .errors import RuntimeFailure
 from .network import bring_up_loopback
@@ -43,7 +45,8 @@ class InitPlan:
     """Everything the child needs, prepared by the parent before fork (so the child computes nothing heavy)."""
 
     __slots__ = ("spec", "process", "state", "cgroup_paths", "state_dirfd", "console_fd", "seccomp_program",
-                 "seccomp_flags", "shim_fd", "no_pivot", "preserve_fds", "join_pid", "stdio", "extra_fds")
+                 "seccomp_flags", "shim_fd", "no_pivot", "preserve_fds", "join_pid", "stdio", "extra_fds",
+                 "in_new_pid_ns")
 
     def __init__(self, spec: Spec, process: Process, state: dict, *, cgroup_paths: dict[str, str] | None = None,
                  state_dirfd: int | None = None, console_fd: int | None = None,
@@ -64,15 +67,16 @@ class InitPlan:
         self.join_pid = join_pid  # exec only: the container's init, whose namespaces we enter
         self.stdio = stdio  # the process's stdin, stdout, stderr; None: inherit ours
         self.extra_fds = extra_fds  # placed at 3 + preserve_fds, 3 + preserve_fds + 1, ... in the process
+        self.in_new_pid_ns = False  # create only: the parent forked us into the container's pid namespace
 
 
 def send(sock: _socket.socket, message: dict) -> None:
-    sock.send(json.dumps(message).encode())
+    sock.send(cjson.dumps(message).encode())
 
 
 def recv(sock: _socket.socket) -> dict | None:
     data = sock.recv(_MSG_MAX)
-    return json.loads(data) if data else None
+    return cjson.loads(data) if data else None
 
 
 _go_received = False  # in the child: the parent's {"go"} may arrive while another answer is awaited
@@ -101,8 +105,9 @@ def child_main(plan: InitPlan, sock: _socket.socket) -> NoReturn:
     code = 1
     try:
         libc.prctl(libc.PR_SET_DUMPABLE, 0)  # the container may not open /proc/<us>/exe or ptrace us
-        with open("/proc/self/comm", "w") as f:  # inherited by stage 2: the parent finds it by this name
-            f.write(stray_name(os.getpid()))
+        if not plan.in_new_pid_ns:
+            with open("/proc/self/comm", "w") as f:  # inherited by stage 2: the parent finds it by this name
+                f.write(stray_name(os.getpid()))
         # the caller's numbers: copied above every target before stdio is placed over 0-2
         extra = _lift_extra_fds(plan) if plan.extra_fds else None
         if plan.stdio is not None:
@@ -205,6 +210,8 @@ def _stage1_create(plan: InitPlan, sock: _socket.socket) -> None:
     for ns in spec.namespaces:
         if ns.path is None and ns.type != "user":
             flags |= ns.flag
+    if plan.in_new_pid_ns:
+        flags &= ~libc.CLONE_NEWPID
     if flags & ~libc.CLONE_NEWCGROUP:
         libc.unshare(flags & ~libc.CLONE_NEWCGROUP)
     # Most of the rootfs while the parent puts us in our cgroup (its first cgroup.procs write can take ms)
@@ -215,8 +222,6 @@ def _stage1_create(plan: InitPlan, sock: _socket.socket) -> None:
         libc.unshare(libc.CLONE_NEWCGROUP)
     if flags & libc.CLONE_NEWPID:
         _fork_stage2(sock)
-    else:
-        send(sock, {"pid": os.getpid()})
     _stage2_create(plan, sock, rootfd)
 
 
@@ -284,8 +289,6 @@ def _stage1_exec(plan: InitPlan, sock: _socket.socket) -> None:
     _await(sock, "go")  # in the container's cgroup before anything runs or forks
     if plan.spec.namespace("pid"):
         _fork_stage2(sock)
-    else:
-        send(sock, {"pid": os.getpid()})
     os.setsid()
     if plan.process.terminal:
         _setup_terminal(plan, spec_console=False)
@@ -296,6 +299,14 @@ def _stage1_exec(plan: InitPlan, sock: _socket.socket) -> None:
 
 
 # ---- both ------------------------------------------------------------------------------------------------------
+
+def create_pid_namespace_first(spec: Spec) -> bool:
+    """Whether the runtime should make the container's new pid namespace itself, for the one child it forks next,
+    instead of stage 1 forking stage 2 inside it: only without a user namespace, which must own the pid namespace
+    and be made (or joined) before it."""
+    pid_ns, user_ns = spec.namespace("pid"), spec.namespace("user")
+    return pid_ns is not None and pid_ns.path is None and user_ns is None
+
 
 def _fork_stage2(sock: _socket.socket) -> None:
     """Fork into the new pid namespace: stage 1 reports stage 2's pid and exits; stage 2 returns.
@@ -327,6 +338,11 @@ def _setns_path(path: str, flag: int) -> None:
 
 def _setup_terminal(plan: InitPlan, *, spec_console: bool) -> None:
     """A pty from the container's own devpts: the slave becomes our stdio, the master goes to the console socket."""
+    # In sys.modules already (our files may be out of sight after pivot_root): the parent imported it before fork
+    # to connect the console socket, which a terminal requires. Not imported on every start: it pulls in `array`,
+    # and with it `collections`.
+    from . import console
+
     master, slave_path = console.open_pty(plan.process.console_size)
     slave = os.open(slave_path, os.O_RDWR | os.O_NOCTTY)
     if spec_console:

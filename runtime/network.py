@@ -11,7 +11,7 @@ import errno
 import fcntl
 import os
 import struct
-from collections import namedtuple  # not dataclasses: ~10 ms to import, on every start
+from .records import record
 
 from .errors import RuntimeFailure, SpecError, SyscallError
 
@@ -50,7 +50,7 @@ def bring_up_loopback() -> None:
         sock.close()
 
 
-class Attachment(namedtuple("Attachment", "netns bridge host_ifname ifname address gateway mtu")):
+class Attachment(record("Attachment", "netns bridge host_ifname ifname address gateway mtu")):
     """What attach() made; stored in the container's state so that `delete` can undo it in another process."""
 
     __slots__ = ()

@@ -12,11 +12,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from contextlib import contextmanager
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Iterator
 
 from . import libc
 from .errors import RuntimeFailure, SyscallError
@@ -228,15 +223,21 @@ def _mount_one(rootfd: int, mount: Mount) -> None:
         os.close(fd)
 
 
-@contextmanager
-def _reopened(rootfd: int, destination: str) -> Iterator[str]:
-    """The path of what is mounted at `destination` now: a descriptor opened before the mount still names the
-    directory underneath it, so remounts and propagation changes need a fresh one."""
-    fd = open_in_root(rootfd, destination)
-    try:
-        yield fd_path(fd)
-    finally:
-        os.close(fd)
+class _reopened:
+    """`with _reopened(rootfd, destination) as path`: the path of what is mounted at `destination` now (a descriptor
+    opened before the mount still names the directory underneath it, so remounts and propagation changes need a
+    fresh one). A class: contextlib costs an import on every start."""
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, rootfd: int, destination: str) -> None:
+        self._fd = open_in_root(rootfd, destination)
+
+    def __enter__(self) -> str:
+        return fd_path(self._fd)
+
+    def __exit__(self, *exc_info: object) -> None:
+        os.close(self._fd)
 
 
 def _remount(target: str, flags: int, clear_flags: int = 0) -> None:

@@ -7,26 +7,20 @@ means "created, not yet started" (runc's convention). The init's start time from
 from __future__ import annotations
 
 import fcntl
-import json
 import os
-import re
 import time
-from contextlib import contextmanager
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Iterator
-
+from . import cjson
 from .errors import ContainerNotFound, RuntimeFailure
 
 STATE_FILE = "state.json"
 FIFO = "exec.fifo"
 _PF_EXITING = 0x4
-_VALID_ID = re.compile(r"^[\w+\-.]+$")
 
 
 def validate_id(container_id: str) -> None:
-    if not container_id or not _VALID_ID.match(container_id) or container_id in (".", ".."):
+    if (not container_id or container_id in (".", "..")
+            or not all(c.isalnum() or c in "_+-." for c in container_id)):
         raise RuntimeFailure(f"invalid container id {container_id!r}: use letters, digits, '_', '+', '-', '.'")
 
 
@@ -97,7 +91,7 @@ class StateDir:
     def load(self) -> dict:
         try:
             with open(os.path.join(self.path, STATE_FILE), "rb") as f:
-                return json.load(f)
+                return cjson.loads(f.read())
         except FileNotFoundError:
             raise ContainerNotFound(self.id) from None
         except ValueError as e:
@@ -106,30 +100,45 @@ class StateDir:
     def save(self, state: dict) -> None:
         tmp = os.path.join(self.path, f".{STATE_FILE}.tmp")
         with open(tmp, "w") as f:
-            f.write(json.dumps(state))  # dumps: the C encoder; dump() streams through the Python one
+            f.write(cjson.dumps(state))
         os.rename(tmp, os.path.join(self.path, STATE_FILE))
 
     @property
     def fifo(self) -> str:
         return os.path.join(self.path, FIFO)
 
-    @contextmanager
-    def locked(self) -> Iterator[None]:
-        """Serialise operations on one container across processes."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise ContainerNotFound(self.id) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def locked(self) -> "_DirectoryLock":
+        """Serialise operations on one container across processes (a context manager)."""
+        return _DirectoryLock(self)
 
     def remove(self) -> None:
         for name in os.listdir(self.path):
             os.unlink(os.path.join(self.path, name))
         os.rmdir(self.path)
+
+
+class _DirectoryLock:
+    """flock on the state directory for the duration of a `with` block (a class: contextlib costs an import)."""
+
+    __slots__ = ("_dir", "_fd")
+
+    def __init__(self, state_dir: StateDir) -> None:
+        self._dir = state_dir
+        self._fd = -1
+
+    def __enter__(self) -> None:
+        try:
+            self._fd = os.open(self._dir.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ContainerNotFound(self._dir.id) from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def __exit__(self, *exc_info: object) -> None:
+        os.close(self._fd)
 
 
 def list_ids(root: str) -> list[str]:

@@ -148,6 +148,14 @@ def _set_ns_path(config: dict, ns_type: str, path: str) -> None:
     config["linux"]["namespaces"][_ns_index(config, ns_type)]["path"] = path
 
 
+def _user_namespace_with_pids_limit_1(config: dict) -> None:
+    config["linux"]["namespaces"].append({"type": "user"})
+    config["linux"]["uidMappings"] = config["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 0,
+                                                                         "size": 65536}]
+    config["mounts"] = [m for m in config["mounts"] if m["type"] not in ("cgroup", "sysfs", "mqueue")]
+    config["linux"]["resources"].update(pids={"limit": 1})
+
+
 # (id, edit of the base config, the SpecError path expected, or None where the kernel or the init refuses)
 CASES: list[tuple[str, Callable[[dict], dict], str | None]] = [
     ("no-args", _edit(lambda c: c["process"].pop("args")), "process.args"),
@@ -227,7 +235,8 @@ CASES: list[tuple[str, Callable[[dict], dict], str | None]] = [
      "linux.resources.memory.limit"),
     ("memory-too-small-for-init", _edit(lambda c: c["linux"]["resources"].update(memory={"limit": 1 << 16})),
      None),
-    ("pids-too-small-for-init", _edit(lambda c: c["linux"]["resources"].update(pids={"limit": 1})), None),
+    # with a user namespace the init forks once inside its cgroup (the pid namespace must come after the user one)
+    ("pids-too-small-for-init", _edit(_user_namespace_with_pids_limit_1), None),
     ("cpus-out-of-range", _edit(lambda c: c["linux"]["resources"].update(cpu={"cpus": "999"})), None),
     ("cpu-shares-too-low", _edit(lambda c: c["linux"]["resources"].update(cpu={"shares": 1})),
      "linux.resources.cpu.shares"),

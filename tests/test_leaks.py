@@ -268,7 +268,7 @@ def test_failed_creates_leave_nothing(runtime: Runtime, bundles, watch: HostWatc
         ("program", lambda c: c["process"].update(args=["/no/such/program"])),
         ("rlimit", lambda c: c["process"].update(rlimits=[{"type": "RLIMIT_NOFILE", "soft": 2**40,
                                                            "hard": 2**40}])),
-        ("oom", lambda c: c["linux"]["resources"].update(memory={"limit": 1 << 20})),
+        ("oom", lambda c: c["linux"]["resources"].update(memory={"limit": 1 << 16})),  # 1 MiB holds a lone init
         ("sysctl", lambda c: c["linux"].update(sysctl={"kernel.no_such_knob": "1"})),
     ]
     bundle_for = {name: bundles.make(["sleep", "60"], edit=edit) for name, edit in failing}

@@ -88,6 +88,17 @@ def test_namespaces_hostname_pid1(runtime, bundles, cid, tmp_path):
         assert link != os.readlink(f"/proc/self/ns/{name}"), name
 
 
+def test_init_is_the_only_process_in_its_cgroup(runtime, bundles, cid, tmp_path):
+    # Without a user namespace the runtime forks the init straight into its new pid namespace: nothing else is ever
+    # forked inside the cgroup, so a pids limit of 1 holds the init alone and it runs.
+    bundle = bundles.make(["sh", "-c", "echo pid=$$"], edit=lambda c: c["linux"]["resources"].update(pids={"limit": 1}))
+    code, out = run_capture(runtime, cid, bundle, tmp_path)
+    assert code == 0, out
+    assert out.split() == ["pid=1"]
+    # the runtime's own next children are born in its pid namespace again
+    assert os.readlink("/proc/thread-self/ns/pid_for_children") == os.readlink("/proc/self/ns/pid")
+
+
 def test_user_namespace_mappings(runtime, bundles, cid, tmp_path):
     # the container's root is host uid 100000: its rootfs must be reachable for others (pytest's tmp is 0700)
     shared = Path(tempfile.mkdtemp(prefix="coldbrew-userns-"))

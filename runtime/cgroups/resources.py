@@ -8,8 +8,6 @@ back ends do their own conversions. Following runc, a zero in a field whose unit
 
 from __future__ import annotations
 
-import re
-
 from ..errors import SpecError
 from .. import jsonfields
 
@@ -17,7 +15,7 @@ INT64_MAX = (1 << 63) - 1
 UINT64_MAX = (1 << 64) - 1
 UINT32_MAX = (1 << 32) - 1
 
-# Plain pattern strings: `re` compiles (and caches) them on first use, not at import.
+# Plain pattern strings, compiled (and cached) by `re` only where a spec uses these fields
 _CPU_LIST = r"^\s*\d+(-\d+)?(\s*,\s*\d+(-\d+)?)*\s*$"
 _PAGE_SIZE = r"^[1-9]\d*[KMG]B$"
 
@@ -295,6 +293,8 @@ def _memory(value: object, path: str) -> Memory | None:
 def _cpu_list(value: object, path: str) -> str | None:
     if value is None or value == "":
         return None
+    import re  # here, not at the top: few specs set cpusets, and `re` costs every start ~5 ms
+
     if not isinstance(value, str) or not re.match(_CPU_LIST, value):
         raise SpecError(path, f"must be a list like \"0-3,7\", not {value!r}")
     return value.replace(" ", "").strip()
@@ -393,6 +393,8 @@ def _block_io(value: object, path: str) -> BlockIO | None:
 def _hugepage(value: object, path: str) -> HugepageLimit:
     obj = jsonfields.obj(value, path)
     size = obj.get("pageSize")
+    import re  # here, not at the top: few specs set hugepage limits, and `re` costs every start ~5 ms
+
     if not isinstance(size, str) or not re.match(_PAGE_SIZE, size):
         raise SpecError(f"{path}.pageSize", f"must be a size like \"2MB\" or \"1GB\", not {size!r}")
     limit = _int(obj.get("limit"), f"{path}.limit", 0, UINT64_MAX)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import math
 import os
-import signal as signals
+import _signal as signals  # the C core: `signal` imports `enum`
 import time
 
 from ..errors import RuntimeFailure, SyscallError, Unsupported
