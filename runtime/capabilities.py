@@ -8,7 +8,6 @@ ones. A missing `process.capabilities` means empty sets, as in runc.
 
 from __future__ import annotations
 
-import ctypes
 
 from . import libc
 from .errors import SpecError, SyscallError
@@ -54,12 +53,12 @@ ALL: tuple[str, ...] = _NAMES[:LAST_CAP + 1]
 _NUMBER = {name: number for number, name in enumerate(ALL)}
 
 
-class _Header(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+class _Header(libc.Structure):
+    _fields_ = [("version", libc.c_uint32), ("pid", libc.c_int)]
 
 
-class _Data(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+class _Data(libc.Structure):
+    _fields_ = [("effective", libc.c_uint32), ("permitted", libc.c_uint32), ("inheritable", libc.c_uint32)]
 
 
 class Capabilities:
@@ -124,7 +123,7 @@ class Capabilities:
             shift = 32 * word
             data[word] = _Data(effective >> shift & 0xFFFFFFFF, permitted >> shift & 0xFFFFFFFF,
                                inheritable >> shift & 0xFFFFFFFF)
-        if libc.libc.capset(ctypes.byref(header), data) != 0:
+        if libc.libc.capset(libc.byref(header), data) != 0:
             error = libc.errno()
             raise SyscallError(error, f"capset({self._describe_capset_failure()})")
         libc.prctl(libc.PR_CAP_AMBIENT, libc.PR_CAP_AMBIENT_CLEAR_ALL)
@@ -172,7 +171,7 @@ def permitted_now() -> frozenset[str]:
     root may lack some (CAP_SYS_RESOURCE in some VMs), and capset refuses to add to the permitted set."""
     header = _Header(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_Data * 2)()
-    if libc.libc.capget(ctypes.byref(header), data) != 0:
+    if libc.libc.capget(libc.byref(header), data) != 0:
         raise SyscallError(libc.errno(), "capget")
     mask = data[0].permitted | data[1].permitted << 32
     return frozenset(name for number, name in enumerate(ALL) if mask >> number & 1)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from typing import Any, Callable, Sequence
 
 from . import cjson, exec_shim, init, libc, state as statedir
+from .cgroups.migration import warm_migrations
 from .errors import ContainerExists, ContainerNotFound, InvalidState, NotRunning, RuntimeFailure, SpecError
 from .spec import Process, Spec, load_bundle, parse
 
@@ -88,6 +89,7 @@ class Runtime:
         `extra_fds[i]` (this process's number) becomes the process's descriptor 3 + preserve_fds + i, without
         touching this process's descriptor table.
         """
+        warm_migrations()  # the init's move into its cgroup, a few ms from now, must not wait for the kernel
         if extra_fds:
             extra_fds = _checked_extra_fds(extra_fds)
         sd = statedir.StateDir(self.root, container_id)
@@ -165,6 +167,7 @@ class Runtime:
         The state directory, the cgroup (made with the spec's limits before bring_up runs) and the record are
         create's; when anything fails they are undone and whatever bring_up left in the cgroup is killed.
         """
+        warm_migrations()
         sd = statedir.StateDir(self.root, container_id)
         if sd.exists():
             raise ContainerExists(container_id)
@@ -685,6 +688,7 @@ class Container:
     def exec(self, process: Process, *, console_socket: str | None = None, pid_file: str | None = None,
              preserve_fds: int = 0, stdio: tuple[int, int, int] | None = None) -> ExecProcess:
         """Start another process in the running container's namespaces and cgroup."""
+        warm_migrations()
         status = self.status
         if status not in (RUNNING, CREATED):
             raise InvalidState(f"cannot exec in container {self.id}: it is {status}")

@@ -1,20 +1,89 @@
 """The narrow seam between the runtime and the kernel: the system calls the standard library lacks.
 
-Everything here is a thin ctypes call that raises :class:`SyscallError` naming the call on failure.
+Everything here is a thin foreign call that raises :class:`SyscallError` naming the call on failure.
 It is imported in the container's init after fork, so it stays small and imports nothing heavy.
+
+The calls go through `_ctypes`, the C core of ctypes, with the few C types they need defined here: importing the
+`ctypes` package costs every start ~6 ms (it defines dozens of types and loaders nobody here uses). The types below
+are ctypes' own definitions, so values of either kind can be passed where the other is expected.
 """
 
 from __future__ import annotations
 
-import ctypes
+import _ctypes
 import os
 import struct
 
 from .errors import SyscallError
 
-_libc = ctypes.CDLL(None, use_errno=True)
+
+class c_int(_ctypes._SimpleCData):
+    _type_ = "i"
+
+
+class c_uint(_ctypes._SimpleCData):
+    _type_ = "I"
+
+
+class c_long(_ctypes._SimpleCData):
+    _type_ = "l"
+
+
+class c_ulong(_ctypes._SimpleCData):
+    _type_ = "L"
+
+
+class c_ushort(_ctypes._SimpleCData):
+    _type_ = "H"
+
+
+class c_char(_ctypes._SimpleCData):
+    _type_ = "c"
+
+
+class c_void_p(_ctypes._SimpleCData):
+    _type_ = "P"
+
+
+c_uint32, c_uint64, c_size_t = c_uint, c_ulong, c_ulong  # Linux on 64-bit machines (LP64)
+Structure = _ctypes.Structure
+byref = _ctypes.byref
+addressof = _ctypes.addressof
+
+
+def string_buffer(init: bytes | int) -> _ctypes.Array:
+    """A mutable char array holding exactly the bytes `init` (unlike ctypes.create_string_buffer, no NUL is
+    added), or `init` zero bytes."""
+    if isinstance(init, int):
+        return (c_char * init)()
+    buffer = (c_char * len(init))()
+    buffer.raw = init
+    return buffer
+
+
+class _Function(_ctypes.CFuncPtr):
+    _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+    _restype_ = c_int
+
+
+class _CLibrary:
+    """The C library's functions by attribute, as ctypes.CDLL(None, use_errno=True) gives them: int results, errno
+    saved for :func:`errno`."""
+
+    def __init__(self) -> None:
+        self._handle = _ctypes.dlopen(None, 0)
+
+    def __getattr__(self, name: str) -> _Function:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        function = _Function((name, self))
+        setattr(self, name, function)
+        return function
+
+
+_libc = _CLibrary()
 _syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
+_syscall.restype = c_long
 
 # Syscall numbers the C library has no wrapper for, per architecture.
 _NR = {
@@ -80,7 +149,7 @@ O_PATH = 0o10000000
 
 def _check(result: int, call: str) -> int:
     if result < 0:
-        raise SyscallError(ctypes.get_errno(), call)
+        raise SyscallError(_ctypes.get_errno(), call)
     return result
 
 
@@ -91,41 +160,41 @@ def _cstr(value: str | bytes | None) -> bytes | None:
 
 
 def unshare(flags: int) -> None:
-    _check(_libc.unshare(ctypes.c_int(flags)), f"unshare({flags:#x})")
+    _check(_libc.unshare(c_int(flags)), f"unshare({flags:#x})")
 
 
 def setns(fd: int, nstype: int = 0) -> None:
-    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), f"setns({nstype:#x})")
+    _check(_libc.setns(c_int(fd), c_int(nstype)), f"setns({nstype:#x})")
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
-    result = _libc.mount(_cstr(source), _cstr(target), _cstr(fstype), ctypes.c_ulong(flags), _cstr(data))
+    result = _libc.mount(_cstr(source), _cstr(target), _cstr(fstype), c_ulong(flags), _cstr(data))
     _check(result, f"mount {source!r} on {target!r} ({fstype}, flags {flags:#x}, {data!r})")
 
 
 def umount2(target: str, flags: int = 0) -> None:
-    _check(_libc.umount2(_cstr(target), ctypes.c_int(flags)), f"umount {target!r}")
+    _check(_libc.umount2(_cstr(target), c_int(flags)), f"umount {target!r}")
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    _check(_syscall(ctypes.c_long(_NR["pivot_root"]), _cstr(new_root), _cstr(put_old)), "pivot_root")
+    _check(_syscall(c_long(_NR["pivot_root"]), _cstr(new_root), _cstr(put_old)), "pivot_root")
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
-    args = (ctypes.c_ulong(a) for a in (arg2, arg3, arg4, arg5))
-    return _check(_libc.prctl(ctypes.c_int(option), *args), f"prctl({option})")
+    args = (c_ulong(a) for a in (arg2, arg3, arg4, arg5))
+    return _check(_libc.prctl(c_int(option), *args), f"prctl({option})")
 
 
 def setdomainname(name: str) -> None:
     raw = name.encode()
-    _check(_libc.setdomainname(raw, ctypes.c_size_t(len(raw))), "setdomainname")
+    _check(_libc.setdomainname(raw, c_size_t(len(raw))), "setdomainname")
 
 
 def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
     """openat2(2): open `path` relative to `dirfd` under the given RESOLVE_* restrictions."""
     how = struct.pack("QQQ", flags, mode, resolve)
-    return _check(_syscall(ctypes.c_long(_NR["openat2"]), ctypes.c_int(dirfd), _cstr(path), how,
-                           ctypes.c_size_t(len(how))), f"openat2({path!r})")
+    return _check(_syscall(c_long(_NR["openat2"]), c_int(dirfd), _cstr(path), how,
+                           c_size_t(len(how))), f"openat2({path!r})")
 
 
 AT_EMPTY_PATH = 0x1000
@@ -137,22 +206,22 @@ def mount_setattr(fd: int, attr_set: int, *, recursive: bool = True) -> None:
     names, and every mount below it: one call for a whole tree."""
     attr = struct.pack("QQQQ", attr_set, 0, 0, 0)
     flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
-    _check(_syscall(ctypes.c_long(_NR["mount_setattr"]), ctypes.c_int(fd), b"", ctypes.c_uint(flags), attr,
-                    ctypes.c_size_t(len(attr))), "mount_setattr")
+    _check(_syscall(c_long(_NR["mount_setattr"]), c_int(fd), b"", c_uint(flags), attr,
+                    c_size_t(len(attr))), "mount_setattr")
 
 
 def close_range(first: int, last: int = 0xFFFFFFFF, flags: int = 0) -> None:
-    _check(_syscall(ctypes.c_long(_NR["close_range"]), ctypes.c_uint(first), ctypes.c_uint(last),
-                    ctypes.c_uint(flags)), "close_range")
+    _check(_syscall(c_long(_NR["close_range"]), c_uint(first), c_uint(last),
+                    c_uint(flags)), "close_range")
 
 
 def syscall(name: str, *args: object) -> int:
     """Call a syscall by name from the table above, for the modules that own a kernel concern."""
-    return _check(_syscall(ctypes.c_long(_NR[name]), *args), name)
+    return _check(_syscall(c_long(_NR[name]), *args), name)
 
 
 def errno() -> int:
-    return ctypes.get_errno()
+    return _ctypes.get_errno()
 
 
 libc = _libc

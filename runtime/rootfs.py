@@ -411,9 +411,7 @@ def _check_namespaced(spec: Spec, key: str) -> None:
 
 def _check_proc() -> None:
     """Refuse to write through a /proc that is not procfs (CVE-2019-16884: a fake /proc in the image)."""
-    import ctypes
-
-    buf = ctypes.create_string_buffer(120)
+    buf = libc.string_buffer(120)  # struct statfs
     if libc.libc.statfs(b"/proc", buf) != 0 or int.from_bytes(buf.raw[:8], "little") != _PROC_SUPER_MAGIC:
         raise RootfsError("/proc inside the container is not procfs: refusing to write through it")
 

@@ -12,7 +12,6 @@ skipped, conditions on the same argument are added as separate rules (OR), and a
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import struct
@@ -20,6 +19,10 @@ import struct
 from . import libc
 from .errors import RuntimeFailure, SpecError, SyscallError, Unsupported
 from . import jsonfields
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import ctypes
 
 # Action values from libseccomp's seccomp.h (the kernel's SECCOMP_RET_* with the data bits clear).
 _ACTIONS = {
@@ -284,13 +287,12 @@ class SeccompProfile:
         return bytes(out)
 
 
-class _ArgCmp(ctypes.Structure):
-    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64),
-                ("datum_b", ctypes.c_uint64)]
+class _ArgCmp(libc.Structure):
+    _fields_ = [("arg", libc.c_uint), ("op", libc.c_int), ("datum_a", libc.c_uint64), ("datum_b", libc.c_uint64)]
 
 
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+class _SockFprog(libc.Structure):
+    _fields_ = [("len", libc.c_ushort), ("filter", libc.c_void_p)]
 
 
 def load_filter(program: bytes, flags: int = 0) -> None:
@@ -302,12 +304,12 @@ def load_filter(program: bytes, flags: int = 0) -> None:
     """
     if not program or len(program) % 8 or len(program) // 8 > _BPF_MAXINSNS:
         raise ValueError(f"not a compiled seccomp filter ({len(program)} bytes)")
-    buffer = ctypes.create_string_buffer(program, len(program))
-    fprog = _SockFprog(len(program) // 8, ctypes.addressof(buffer))
+    buffer = libc.string_buffer(program)
+    fprog = _SockFprog(len(program) // 8, libc.addressof(buffer))
     call = f"seccomp(SECCOMP_SET_MODE_FILTER, {flags:#x}, {len(program) // 8} instructions)"
     try:
-        result = libc.syscall("seccomp", ctypes.c_uint(_SECCOMP_SET_MODE_FILTER), ctypes.c_uint(flags),
-                              ctypes.byref(fprog))
+        result = libc.syscall("seccomp", libc.c_uint(_SECCOMP_SET_MODE_FILTER), libc.c_uint(flags),
+                              libc.byref(fprog))
     except SyscallError as error:
         raise SyscallError(error.errno, call) from None
     if result > 0:
@@ -393,6 +395,8 @@ def _libseccomp() -> ctypes.CDLL:
     """Load libseccomp on first use, so that importing this module (as the init does) never maps it."""
     global _lib
     if _lib is None:
+        import ctypes  # the whole package only here: compiling runs in the runtime, once per profile
+
         try:
             lib = ctypes.CDLL("libseccomp.so.2")
         except OSError as error:

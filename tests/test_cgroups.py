@@ -704,3 +704,27 @@ def test_v2_missing_controller_is_named(v2_root: str) -> None:
     with pytest.raises(Unsupported, match="swappiness"):
         _v2(v2_root, "swappy", Resources.from_spec({"memory": {"swappiness": 5}}))
     assert not os.path.exists(os.path.join(v2_root, "swappy"))
+
+
+@pytest.mark.skipif(not V1_HOST, reason="the warm-up moves a thread through a v1 hierarchy")
+def test_migration_warm_up_moves_only_its_own_thread_and_ends():
+    from coldbrew.runtime.cgroups import migration
+
+    def tasks() -> set[str]:
+        return set(os.listdir("/proc/self/task"))
+
+    own_before, threads_before = open("/proc/self/cgroup").read(), tasks()
+    migration.warm_migrations(0.1)
+    migration.warm_migrations(0.15)  # extends the running warm-up: still one thread
+    assert migration._running and len(tasks() - threads_before) == 1
+    deadline = time.monotonic() + 5
+    while migration._running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not migration._running, "the warm-up thread outlived its deadline"
+    wait_for_threads = time.monotonic() + 1
+    while tasks() != threads_before and time.monotonic() < wait_for_threads:
+        time.sleep(0.01)
+    assert tasks() == threads_before
+    assert open("/proc/self/cgroup").read() == own_before  # the process was never moved
+    migration.warm_migrations(0.01)  # and a later call starts a new one
+    assert migration._running

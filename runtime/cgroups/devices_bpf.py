@@ -12,7 +12,7 @@ needs closing or detaching when the cgroup is removed.
 
 from __future__ import annotations
 
-import ctypes
+import _ctypes
 import errno
 import os
 import struct
@@ -85,23 +85,23 @@ def program(rules: tuple[DeviceRule, ...]) -> bytes | None:
     return b"".join(code)
 
 
-def _bpf(cmd: int, attr: ctypes.Array, what: str) -> int:
+def _bpf(cmd: int, attr: _ctypes.Array, what: str) -> int:
     try:
-        return libc.syscall("bpf", ctypes.c_int(cmd), attr, ctypes.c_uint(len(attr)))
+        return libc.syscall("bpf", libc.c_int(cmd), attr, libc.c_uint(len(attr)))
     except SyscallError as e:
         raise SyscallError(e.errno or errno.EIO, what) from None
 
 
 def load(insns: bytes) -> int:
     """BPF_PROG_LOAD: the program's fd. On a verifier refusal the error carries the verifier's log."""
-    code = ctypes.create_string_buffer(insns, len(insns))
-    license_ = ctypes.create_string_buffer(b"GPL")
+    code = libc.string_buffer(insns)
+    license_ = libc.string_buffer(b"GPL\0")
 
-    def attempt(log: ctypes.Array | None) -> int:
-        attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    def attempt(log: _ctypes.Array | None) -> int:
+        attr = libc.string_buffer(_ATTR_SIZE)
         struct.pack_into("=IIQQIIQII", attr, 0, BPF_PROG_TYPE_CGROUP_DEVICE, len(insns) // 8,
-                         ctypes.addressof(code), ctypes.addressof(license_), 1 if log is not None else 0,
-                         len(log) if log is not None else 0, ctypes.addressof(log) if log is not None else 0, 0, 0)
+                         libc.addressof(code), libc.addressof(license_), 1 if log is not None else 0,
+                         len(log) if log is not None else 0, libc.addressof(log) if log is not None else 0, 0, 0)
         struct.pack_into("16s", attr, 48, b"coldbrew_dev")  # prog_name, for bpftool listings
         return _bpf(BPF_PROG_LOAD, attr, "bpf(BPF_PROG_LOAD) of the cgroup device program")
 
@@ -116,7 +116,7 @@ def load(insns: bytes) -> int:
             return attempt(None)
         if e.errno not in (errno.EINVAL, errno.EACCES):
             raise
-        log = ctypes.create_string_buffer(65536)
+        log = libc.string_buffer(65536)
         try:
             return attempt(log)
         except SyscallError as again:
@@ -127,23 +127,23 @@ def load(insns: bytes) -> int:
 
 def attached(cgroup_fd: int) -> list[int]:
     """Ids of the device programs attached directly to the cgroup (BPF_PROG_QUERY)."""
-    ids = (ctypes.c_uint32 * 64)()
-    attr = ctypes.create_string_buffer(_ATTR_SIZE)
-    struct.pack_into("=IIIIQI", attr, 0, cgroup_fd, BPF_CGROUP_DEVICE, 0, 0, ctypes.addressof(ids), len(ids))
+    ids = (libc.c_uint32 * 64)()
+    attr = libc.string_buffer(_ATTR_SIZE)
+    struct.pack_into("=IIIIQI", attr, 0, cgroup_fd, BPF_CGROUP_DEVICE, 0, 0, libc.addressof(ids), len(ids))
     _bpf(BPF_PROG_QUERY, attr, "bpf(BPF_PROG_QUERY) of the cgroup's device programs")
     count = struct.unpack_from("=I", attr, 24)[0]
     return list(ids[:count])
 
 
 def attach(cgroup_fd: int, prog_fd: int) -> None:
-    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    attr = libc.string_buffer(_ATTR_SIZE)
     struct.pack_into("=IIII", attr, 0, cgroup_fd, prog_fd, BPF_CGROUP_DEVICE, BPF_F_ALLOW_MULTI)
     _bpf(BPF_PROG_ATTACH, attr, "bpf(BPF_PROG_ATTACH) of the device program to the cgroup")
 
 
 def detach(cgroup_fd: int, prog_id: int) -> None:
     """Detach one program by id; a program already gone is not an error."""
-    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    attr = libc.string_buffer(_ATTR_SIZE)
     struct.pack_into("=I", attr, 0, prog_id)
     try:
         prog_fd = _bpf(BPF_PROG_GET_FD_BY_ID, attr, f"bpf(BPF_PROG_GET_FD_BY_ID, {prog_id})")
@@ -152,7 +152,7 @@ def detach(cgroup_fd: int, prog_id: int) -> None:
             return
         raise
     try:
-        attr = ctypes.create_string_buffer(_ATTR_SIZE)
+        attr = libc.string_buffer(_ATTR_SIZE)
         struct.pack_into("=III", attr, 0, cgroup_fd, prog_fd, BPF_CGROUP_DEVICE)
         try:
             _bpf(BPF_PROG_DETACH, attr, f"bpf(BPF_PROG_DETACH) of device program {prog_id}")
