@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from typing import Any, Callable, Sequence
 
 from . import cjson, exec_shim, init, libc, state as statedir
-from .cgroups.migration import warm_migrations
 from .errors import ContainerExists, ContainerNotFound, InvalidState, NotRunning, RuntimeFailure, SpecError
 from .spec import Process, Spec, load_bundle, parse
 
@@ -89,7 +88,6 @@ class Runtime:
         `extra_fds[i]` (this process's number) becomes the process's descriptor 3 + preserve_fds + i, without
         touching this process's descriptor table.
         """
-        warm_migrations()  # the init's move into its cgroup, a few ms from now, must not wait for the kernel
         if extra_fds:
             extra_fds = _checked_extra_fds(extra_fds)
         sd = statedir.StateDir(self.root, container_id)
@@ -118,11 +116,17 @@ class Runtime:
         record = _new_record(oci_state, spec, cgroup, no_pivot)
         made_cgroup = False
         pids: list[int] = []
+
+        def join_new_cgroup(child: int) -> None:
+            # after fork: made while the child sets up its namespaces (a busy cgroup_mutex waits beside it)
+            nonlocal made_cgroup
+            cgroup.create(resources)
+            made_cgroup = True
+            cgroup.add_process(child)
+
         try:
             os.mkfifo(sd.fifo)
             os.chmod(sd.fifo, 0o622)  # writable by the init even when it is another uid (a user namespace)
-            cgroup.create(resources)
-            made_cgroup = True
             dirfd = os.open(sd.path, libc.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 plan = init.InitPlan(spec=spec, process=spec.process, state=oci_state, cgroup_paths=cgroup.paths,
@@ -134,8 +138,8 @@ class Runtime:
                     from . import console
 
                     plan.console_fd = console.connect(console_socket)
-                pid = _spawn(plan, cgroup, pids, on_message=lambda sock, msg: _create_step(sock, msg, spec,
-                                                                                             oci_state, pids))
+                pid = _spawn(plan, join_new_cgroup, pids,
+                             on_message=lambda sock, msg: _create_step(sock, msg, spec, oci_state, pids))
             finally:
                 os.close(dirfd)
                 if plan.console_fd is not None:
@@ -167,7 +171,6 @@ class Runtime:
         The state directory, the cgroup (made with the spec's limits before bring_up runs) and the record are
         create's; when anything fails they are undone and whatever bring_up left in the cgroup is killed.
         """
-        warm_migrations()
         sd = statedir.StateDir(self.root, container_id)
         if sd.exists():
             raise ContainerExists(container_id)
@@ -293,8 +296,9 @@ def _checked_extra_fds(extra_fds: Sequence[int]) -> tuple[int, ...]:
     return tuple(extra_fds)
 
 
-def _spawn(plan: init.InitPlan, cgroup: Any, pids: list[int], on_message: Any) -> int:
-    """Fork the child, put it in its cgroup, drive the init protocol; returns the pid of the final process."""
+def _spawn(plan: init.InitPlan, join_cgroup: Callable[[int], None], pids: list[int], on_message: Any) -> int:
+    """Fork the child, put it in its cgroup (`join_cgroup(pid)`), drive the init protocol; returns the pid of the
+    final process."""
     parent_sock, child_sock = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     child = None
     try:
@@ -308,7 +312,7 @@ def _spawn(plan: init.InitPlan, cgroup: Any, pids: list[int], on_message: Any) -
             init.child_main(plan, child_sock)
         pids.append(child)
         child_sock.close()
-        cgroup.add_process(child)
+        join_cgroup(child)
         try:
             init.send(parent_sock, {"go": True})
         except OSError:
@@ -688,7 +692,6 @@ class Container:
     def exec(self, process: Process, *, console_socket: str | None = None, pid_file: str | None = None,
              preserve_fds: int = 0, stdio: tuple[int, int, int] | None = None) -> ExecProcess:
         """Start another process in the running container's namespaces and cgroup."""
-        warm_migrations()
         status = self.status
         if status not in (RUNNING, CREATED):
             raise InvalidState(f"cannot exec in container {self.id}: it is {status}")
@@ -707,7 +710,7 @@ class Container:
             plan.console_fd = console.connect(console_socket)
         pids: list[int] = []
         try:
-            pid = _spawn(plan, cgroup, pids, on_message=_unexpected)
+            pid = _spawn(plan, cgroup.add_process, pids, on_message=_unexpected)
         except BaseException:
             for p in pids:
                 _kill_and_reap(p)

@@ -13,6 +13,11 @@ process moved meanwhile by someone else, nothing but this short-lived thread cou
 forks and exits on the host take the rwsem's slower reader path (an atomic instead of a per-CPU counter), the price
 the `favordynmods` mount option pays permanently. cgroup v2 moves single threads only within threaded subtrees, so
 on a pure v2 host there is no warm-up.
+
+The CLI calls it first thing for the verbs that move processes (create, run, exec, restore), before the runtime's
+modules are imported. The in-process API does not: within a create the fork follows the call too soon to gain
+anything, and a scheduler that starts containers back to back keeps the lock warm by itself. One that starts
+them after pauses can call it ahead of a burst.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ _deadline = 0.0
 _running = False
 
 
-def warm_migrations(seconds: float = 0.2) -> None:
+def warm_migrations(seconds: float = 0.1) -> None:
     """Keep cgroup migrations fast for the next `seconds` (extends a warm-up already running). Does nothing where
     there is no writable v1 hierarchy (pure cgroup v2, read-only cgroup file system, not root)."""
     global _deadline, _running
