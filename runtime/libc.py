@@ -17,34 +17,14 @@ import struct
 from .errors import SyscallError
 
 
-class c_int(_ctypes._SimpleCData):
-    _type_ = "i"
+def _simple_type(name: str, code: str) -> type:
+    """A C scalar type, as ctypes defines c_int and its kin (`code` is the struct-module letter)."""
+    return type(name, (_ctypes._SimpleCData,), {"_type_": code})
 
 
-class c_uint(_ctypes._SimpleCData):
-    _type_ = "I"
-
-
-class c_long(_ctypes._SimpleCData):
-    _type_ = "l"
-
-
-class c_ulong(_ctypes._SimpleCData):
-    _type_ = "L"
-
-
-class c_ushort(_ctypes._SimpleCData):
-    _type_ = "H"
-
-
-class c_char(_ctypes._SimpleCData):
-    _type_ = "c"
-
-
-class c_void_p(_ctypes._SimpleCData):
-    _type_ = "P"
-
-
+c_int, c_uint, c_long, c_ulong = (_simple_type(n, c) for n, c in (("c_int", "i"), ("c_uint", "I"), ("c_long", "l"),
+                                                                  ("c_ulong", "L")))
+c_ushort, c_char, c_void_p = (_simple_type(n, c) for n, c in (("c_ushort", "H"), ("c_char", "c"), ("c_void_p", "P")))
 c_uint32, c_uint64, c_size_t = c_uint, c_ulong, c_ulong  # Linux on 64-bit machines (LP64)
 Structure = _ctypes.Structure
 byref = _ctypes.byref
