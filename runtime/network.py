@@ -89,8 +89,8 @@ def attach(netns: str | int, *, bridge: str = "coldbrew0", address: str = "10.88
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
-    record = Attachment(netns=ns_path, bridge=bridge, host_ifname=host_ifname, ifname=ifname,
-                        address=str(iface), gateway=None if gw is None else str(gw), mtu=mtu)
+    attachment = Attachment(netns=ns_path, bridge=bridge, host_ifname=host_ifname, ifname=ifname,
+                            address=str(iface), gateway=None if gw is None else str(gw), mtu=mtu)
     try:
         with IPRoute() as host, _ipr_in_netns(ns_fd, ns_path) as inner:
             with _host_lock():
@@ -105,13 +105,13 @@ def attach(netns: str | int, *, bridge: str = "coldbrew0", address: str = "10.88
                     raise RuntimeFailure(f"cannot create veth pair {host_ifname} <-> {ifname} in {ns_path}: "
                                          f"{os.strerror(err.code)}") from err
             try:
-                _configure_peer(host, inner, record, iface, gw)
+                _configure_peer(host, inner, attachment, iface, gw)
             except BaseException:
-                _remove(host, record)
+                _remove(host, attachment)
                 raise
     finally:
         os.close(ns_fd)
-    return record
+    return attachment
 
 
 def detach(attachment: Attachment) -> None:
@@ -319,21 +319,21 @@ def _add_address(ipr: Any, index: int, ip: Any, prefixlen: int) -> None:
                  flags=ifa_f_nodad)
 
 
-def _configure_peer(host: Any, inner: Any, record: Attachment, iface: Any, gw: Any) -> None:
+def _configure_peer(host: Any, inner: Any, attachment: Attachment, iface: Any, gw: Any) -> None:
     import socket
 
     from pyroute2.netlink.exceptions import NetlinkError
 
-    step = f"bring up {record.host_ifname}"
+    step = f"bring up {attachment.host_ifname}"
     try:
-        host.link("set", index=host.link_lookup(ifname=record.host_ifname)[0], state="up")
-        index = inner.link_lookup(ifname=record.ifname)[0]
-        step = f"give {record.ifname} the address {iface} in {record.netns}"
+        host.link("set", index=host.link_lookup(ifname=attachment.host_ifname)[0], state="up")
+        index = inner.link_lookup(ifname=attachment.ifname)[0]
+        step = f"give {attachment.ifname} the address {iface} in {attachment.netns}"
         _add_address(inner, index, iface.ip, iface.network.prefixlen)
-        step = f"bring up {record.ifname} in {record.netns}"
+        step = f"bring up {attachment.ifname} in {attachment.netns}"
         inner.link("set", index=index, state="up")
         if gw is not None:
-            step = f"add a default route via {gw} in {record.netns}"
+            step = f"add a default route via {gw} in {attachment.netns}"
             family = socket.AF_INET if gw.version == 4 else socket.AF_INET6
             inner.route("add", dst="0.0.0.0/0" if gw.version == 4 else "::/0", gateway=str(gw), oif=index,
                         family=family)

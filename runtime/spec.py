@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import stat
-from .records import record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -18,6 +17,7 @@ if TYPE_CHECKING:
 from . import cjson, libc
 from .errors import SpecError
 from .jsonfields import abs_path, array, boolean, env_entries, integer, obj, string, strings
+from .records import record
 
 NAMESPACE_FLAGS = {
     "mount": libc.CLONE_NEWNS,
@@ -98,7 +98,7 @@ class User(record("User", "uid gid umask additional_gids", defaults=(0, 0, None,
 
 
 class Process(record("Process", "args env cwd terminal console_size user capabilities rlimits "
-                                    "no_new_privileges oom_score_adj apparmor_profile")):
+                                "no_new_privileges oom_score_adj apparmor_profile")):
     """config.json's `process`; `capabilities` is a capabilities.Capabilities, `console_size` (height, width)."""
 
     __slots__ = ()
@@ -240,8 +240,8 @@ class Hook(record("Hook", "path args env timeout")):
 
 
 class Spec(record("Spec", "raw root_path root_readonly process hostname domainname mounts hooks annotations "
-                              "namespaces uid_mappings gid_mappings devices cgroups_path resources rootfs_propagation "
-                              "seccomp masked_paths readonly_paths sysctl personality")):
+                          "namespaces uid_mappings gid_mappings devices cgroups_path resources rootfs_propagation "
+                          "seccomp masked_paths readonly_paths sysctl personality")):
     """A validated config.json. `raw` is the JSON as read, kept for the state directory and `exec`."""
 
     __slots__ = ()
