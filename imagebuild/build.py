@@ -610,7 +610,7 @@ def _build_step_reporting_errors(context: _Context, number: int, step: Step,
                                  parent: StepRecord | None) -> tuple[StepRecord, int]:
     """_build_step, with what the filesystem, the runtime or the host refuses reported as the step's BuildError."""
     from coldbrew.fs.errors import FsError
-    from coldbrew.runtime.errors import RuntimeFailure
+    from coldbrew.runtime.errors import RuntimeFailure, describe_os_error
 
     try:
         return _build_step(context, number, step, parent)
@@ -619,8 +619,7 @@ def _build_step_reporting_errors(context: _Context, number: int, step: Step,
     except (ImageBuildError, FsError, RuntimeFailure) as error:
         raise BuildError(number, step, f"failed: {error}") from None
     except OSError as error:
-        where = f": {error.filename}" if error.filename else ""
-        raise BuildError(number, step, f"failed: {error.strerror or error}{where}") from None
+        raise BuildError(number, step, f"failed: {describe_os_error(error)}") from None
 
 
 def _build_step(context: _Context, number: int, step: Step, parent: StepRecord | None) -> tuple[StepRecord, int]:

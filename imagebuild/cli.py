@@ -13,14 +13,12 @@ import re
 import sys
 import time
 
-DEFAULT_STORE = "/var/lib/coldbrew/store"
+from coldbrew.fs.cli import store_option
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coldbrew image", description="build, import, list and run images")
-    store = argparse.ArgumentParser(add_help=False)
-    store.add_argument("--store", default=os.environ.get("COLDBREW_STORE", DEFAULT_STORE),
-                       help="chunk store: a directory or an http(s) URL (default $COLDBREW_STORE or %(default)s)")
+    store = store_option()
     building = argparse.ArgumentParser(add_help=False)
     building.add_argument("--cache", default=None, help="chunk cache of the steps' mounts (coldbrew fs's default)")
     building.add_argument("--work-dir", default=None, help="where step roots are made (/var/tmp/coldbrew-build)")
@@ -205,8 +203,9 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"coldbrew image: {error}\n")
         return 1
     except OSError as error:
-        sys.stderr.write(f"coldbrew image: {error.strerror or error}" + (f": {error.filename}" if error.filename
-                                                                         else "") + "\n")
+        from coldbrew.runtime.errors import describe_os_error
+
+        sys.stderr.write(f"coldbrew image: {describe_os_error(error)}\n")
         return 1
     except KeyboardInterrupt:
         return 130

@@ -561,7 +561,9 @@ def main(argv: list[str] | None = None) -> int:
         _log_error(args, str(e))
         return 1
     except OSError as e:
-        _log_error(args, f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
+        from .errors import describe_os_error
+
+        _log_error(args, describe_os_error(e))
         return 1
     except KeyboardInterrupt:
         return 130

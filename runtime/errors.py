@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+def describe_os_error(error: OSError) -> str:
+    """An OSError as one line for the operator: "No such file or directory: /the/path"."""
+    return f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
+
+
 class RuntimeFailure(Exception):
     """Base class: any error the runtime reports instead of a traceback."""
 

@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from .errors import RuntimeFailure
+from .errors import RuntimeFailure, describe_os_error
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -108,8 +108,7 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"coldbrew gpu: {error}\n")
         return 1
     except OSError as error:
-        sys.stderr.write(f"coldbrew gpu: {error.strerror or error}" + (f": {error.filename}" if error.filename else "")
-                         + "\n")
+        sys.stderr.write(f"coldbrew gpu: {describe_os_error(error)}\n")
         return 1
 
 

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 from . import cjson, exec_shim, libc, rootfs
 from .capabilities import Capabilities, permitted_now
-from .errors import RuntimeFailure
+from .errors import RuntimeFailure, describe_os_error
 from .network import bring_up_loopback
 from .seccomp import load_filter
 from .spec import NAMESPACE_PROC_NAMES, Process, Spec
@@ -180,7 +180,7 @@ def _describe(e: BaseException) -> str:
     if isinstance(e, (RuntimeFailure, _ExecFailed)):
         return str(e)
     if isinstance(e, OSError):
-        return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+        return describe_os_error(e)
     return f"{type(e).__name__}: {e}"
 
 
