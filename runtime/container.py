@@ -90,11 +90,7 @@ class Runtime:
         """
         if extra_fds:
             extra_fds = _checked_extra_fds(extra_fds)
-        sd = statedir.StateDir(self.root, container_id)
-        if sd.exists():
-            raise ContainerExists(container_id)
-        bundle = os.path.abspath(bundle)
-        spec = load_bundle(bundle)
+        sd, bundle, spec = self._new_container(container_id, bundle)
         if spec.process is None:
             raise SpecError("process", "is required to create a container")
         if spec.process.terminal and not console_socket:
@@ -107,13 +103,7 @@ class Runtime:
         cgroup = open_cgroup(spec.cgroups_path, container_id)
         resources = _with_default_devices(spec)
         seccomp = _compiled_seccomp(spec)
-        try:
-            sd.make()
-        except FileExistsError:
-            raise ContainerExists(container_id) from None
-        oci_state = {"ociVersion": OCI_VERSION, "id": container_id, "status": CREATING, "pid": 0,
-                     "bundle": bundle, "annotations": spec.annotations}
-        record = _new_record(oci_state, spec, cgroup, no_pivot)
+        oci_state, record = _claim(sd, bundle, spec, cgroup, CREATING, no_pivot)
         made_cgroup = False
         pids: list[int] = []
 
@@ -171,22 +161,12 @@ class Runtime:
         The state directory, the cgroup (made with the spec's limits before bring_up runs) and the record are
         create's; when anything fails they are undone and whatever bring_up left in the cgroup is killed.
         """
-        sd = statedir.StateDir(self.root, container_id)
-        if sd.exists():
-            raise ContainerExists(container_id)
-        bundle = os.path.abspath(bundle)
-        spec = load_bundle(bundle)
+        sd, bundle, spec = self._new_container(container_id, bundle)
         from .cgroups import open_cgroup
 
         cgroup = open_cgroup(spec.cgroups_path, container_id)
         resources = _with_default_devices(spec)
-        try:
-            sd.make()
-        except FileExistsError:
-            raise ContainerExists(container_id) from None
-        oci_state = {"ociVersion": OCI_VERSION, "id": container_id, "status": RUNNING, "pid": 0,
-                     "bundle": bundle, "annotations": spec.annotations}
-        record = _new_record(oci_state, spec, cgroup, no_pivot=False)
+        _, record = _claim(sd, bundle, spec, cgroup, RUNNING, no_pivot=False)
         made_cgroup = False
         pid = None
         try:
@@ -209,6 +189,15 @@ class Runtime:
             raise
         return Container(sd, record)
 
+    def _new_container(self, container_id: str, bundle: str) -> tuple[statedir.StateDir, str, Spec]:
+        """The state directory of a container not there yet (ContainerExists otherwise; nothing is made here), the
+        bundle's absolute path and its validated spec."""
+        sd = statedir.StateDir(self.root, container_id)
+        if sd.exists():
+            raise ContainerExists(container_id)
+        bundle = os.path.abspath(bundle)
+        return sd, bundle, load_bundle(bundle)
+
     def run(self, container_id: str, bundle: str, **create_options: Any) -> int:
         """create + start + wait + delete, as `runc run`; returns the exit status."""
         container = self.create(container_id, bundle, **create_options)
@@ -219,9 +208,17 @@ class Runtime:
             container.delete(force=True)
 
 
-def _new_record(oci_state: dict, spec: Spec, cgroup: Any, no_pivot: bool) -> dict:
-    """What state.json holds: the OCI state, and what kill, delete and exec need later."""
-    return {**oci_state, "rootfs": spec.root_path, "created": statedir.now_rfc3339(), "owner": "",
+def _claim(sd: statedir.StateDir, bundle: str, spec: Spec, cgroup: Any, status: str,
+           no_pivot: bool) -> tuple[dict, dict]:
+    """Make the state directory (ContainerExists if another process made it first); returns the OCI state and the
+    record state.json will hold: the OCI state, and what kill, delete and exec need later."""
+    try:
+        sd.make()
+    except FileExistsError:
+        raise ContainerExists(sd.id) from None
+    oci_state = {"ociVersion": OCI_VERSION, "id": sd.id, "status": status, "pid": 0, "bundle": bundle,
+                 "annotations": spec.annotations}
+    return oci_state, {**oci_state, "rootfs": spec.root_path, "created": statedir.now_rfc3339(), "owner": "",
             "config": spec.raw, "cgroup": cgroup.paths, "no_pivot": no_pivot, "network": [], "exit_status": None}
 
 
