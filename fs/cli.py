@@ -28,13 +28,19 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 512M, 20G)") from None
 
 
+def store_option() -> argparse.ArgumentParser:
+    """A parent parser with `--store` (default $COLDBREW_STORE, else DEFAULT_STORE), for every command group."""
+    store = argparse.ArgumentParser(add_help=False)
+    store.add_argument("--store", default=os.environ.get("COLDBREW_STORE", DEFAULT_STORE),
+                       help="chunk store: a directory or an http(s) URL (default $COLDBREW_STORE or %(default)s)")
+    return store
+
+
 def _parser() -> argparse.ArgumentParser:
     from .cache import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
 
     parser = argparse.ArgumentParser(prog="coldbrew fs", description="the lazy, content-addressed image filesystem")
-    store = argparse.ArgumentParser(add_help=False)
-    store.add_argument("--store", default=os.environ.get("COLDBREW_STORE", DEFAULT_STORE),
-                       help="chunk store: a directory or an http(s) URL (default $COLDBREW_STORE or %(default)s)")
+    store = store_option()
     cache = argparse.ArgumentParser(add_help=False)
     cache.add_argument("--cache", default=DEFAULT_CACHE_DIR, help="local chunk cache directory (%(default)s)")
     cache.add_argument("--cache-size", type=_size, default=DEFAULT_CACHE_SIZE, help="cache size limit, e.g. 20G")

@@ -22,8 +22,8 @@ from typing import Callable
 
 from . import objects
 from .errors import FsError
-from .index import Chunk, Index, IndexBuilder, MAX_CHUNK_SIZE
-from .pushing import DEFAULT_CHUNK_SIZE, PushResult, Uploader, read_xattrs, store_files
+from .index import Chunk, Index, IndexBuilder
+from .pushing import DEFAULT_CHUNK_SIZE, PushResult, Uploader, checked_tree, read_xattrs, store_files
 from .store import ChunkStore
 
 _OVERLAY_XATTR = b"trusted.overlay."
@@ -76,12 +76,7 @@ def push_layer(parent: Index, upper: str, store: ChunkStore, *, metadata: dict |
     `progress(done_bytes, total_bytes)` counts the changed files' data only.
     """
     chunk_size = chunk_size or int(parent.metadata.get("chunk_size") or DEFAULT_CHUNK_SIZE)
-    if not 0 < chunk_size <= MAX_CHUNK_SIZE:
-        raise FsError(f"chunk size {chunk_size} out of bounds (1 to {MAX_CHUNK_SIZE})")
-    upper_root = os.fsencode(os.path.abspath(upper))
-    root_stat = os.lstat(upper_root)
-    if not stat.S_ISDIR(root_stat.st_mode):
-        raise FsError(f"{upper} is not a directory")
+    upper_root, root_stat = checked_tree(upper, chunk_size)
     builder = IndexBuilder()
     builder.metadata = dict(metadata if metadata is not None else parent.metadata, chunk_size=chunk_size)
     uploader = Uploader(store, level)

@@ -155,6 +155,18 @@ def read_xattrs(path: bytes) -> list[tuple[bytes, bytes]]:
     return [(name.encode(), os.getxattr(path, name, follow_symlinks=False)) for name in sorted(names)]
 
 
+def checked_tree(tree: str, chunk_size: int) -> tuple[bytes, os.stat_result]:
+    """The root of a tree to push (absolute, as bytes) and its lstat; FsError for a chunk size out of bounds or a root
+    that is not a directory."""
+    if not 0 < chunk_size <= MAX_CHUNK_SIZE:
+        raise FsError(f"chunk size {chunk_size} out of bounds (1 to {MAX_CHUNK_SIZE})")
+    root = os.fsencode(os.path.abspath(tree))
+    root_stat = os.lstat(root)
+    if not stat.S_ISDIR(root_stat.st_mode):
+        raise FsError(f"{tree} is not a directory")
+    return root, root_stat
+
+
 def push(tree: str, store: ChunkStore, *, chunk_size: int = DEFAULT_CHUNK_SIZE, level: int = objects.COMPRESSION_LEVEL,
          threads: int | None = None, progress: Callable[[int, int], None] | None = None,
          metadata: dict | None = None) -> PushResult:
@@ -162,12 +174,7 @@ def push(tree: str, store: ChunkStore, *, chunk_size: int = DEFAULT_CHUNK_SIZE, 
 
     `progress(done_bytes, total_bytes)` is called as file data is stored, from worker threads.
     """
-    if not 0 < chunk_size <= MAX_CHUNK_SIZE:
-        raise FsError(f"chunk size {chunk_size} out of bounds (1 to {MAX_CHUNK_SIZE})")
-    root = os.fsencode(os.path.abspath(tree))
-    root_stat = os.lstat(root)
-    if not stat.S_ISDIR(root_stat.st_mode):
-        raise FsError(f"{tree} is not a directory")
+    root, root_stat = checked_tree(tree, chunk_size)
     builder = IndexBuilder()
     builder.metadata = dict(metadata or {}, chunk_size=chunk_size)
     uploader = Uploader(store, level)

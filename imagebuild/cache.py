@@ -111,13 +111,7 @@ class StepRecord:
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> "StepRecord":
-        try:
-            raw = json.loads(data)
-            if not isinstance(raw, dict):
-                raise TypeError("not a JSON object")
-            record = cls(**raw)
-        except (ValueError, TypeError) as error:
-            raise ImageBuildError(f"step record {where} is malformed ({error})") from None
+        record = _record_from_json(cls, data, f"step record {where}")
         _check_fields(record, where)
         if not (isinstance(record.parent, str) and _REFERENCE.fullmatch(record.parent) or record.parent is None):
             raise ImageBuildError(f"step record {where}: parent is malformed")
@@ -134,6 +128,17 @@ class ImageRecord:
     built_at: float
     file_bytes: int = 0
     config: dict = field(default_factory=dict)
+
+
+def _record_from_json(cls: type, data: bytes, what: str) -> Any:
+    """`cls(**object)` from the JSON object in `data`; ImageBuildError "`what` is malformed (...)" otherwise."""
+    try:
+        raw = json.loads(data)
+        if not isinstance(raw, dict):
+            raise TypeError("not a JSON object")
+        return cls(**raw)
+    except (ValueError, TypeError) as error:
+        raise ImageBuildError(f"{what} is malformed ({error})") from None
 
 
 def _check_fields(record: Any, where: str) -> None:
@@ -201,13 +206,7 @@ class StepCache:
         data = self.store.get_named(f"{IMAGES}/{name.encode().hex()}")
         if data is None:
             return None
-        try:
-            raw = json.loads(data)
-            if not isinstance(raw, dict):
-                raise TypeError("not a JSON object")
-            record = ImageRecord(**raw)
-        except (ValueError, TypeError) as error:
-            raise ImageBuildError(f"the record of image {name!r} is malformed ({error})") from None
+        record = _record_from_json(ImageRecord, data, f"the record of image {name!r}")
         _check_fields(record, f"the record of image {name!r}")
         if not all(isinstance(step, str) for step in record.steps):
             raise ImageBuildError(f"the record of image {name!r}: steps are not strings")
