@@ -507,9 +507,6 @@ def _log(args: Namespace, level: str, message: str) -> None:
         pass
 
 
-# Verbs that move processes into a container's cgroup
-_MIGRATING_VERBS = ("create", "run", "exec", "restore")
-
 # Command groups beyond runc's verbs, each a module with its own `main(argv) -> int` (imported only when used).
 GROUPS = {"fs": "coldbrew.fs.cli", "gpu": "coldbrew.runtime.gpu_cli", "image": "coldbrew.imagebuild.cli"}
 GROUP_HELP = {"fs": "push, mount and serve lazily fetched images", "gpu": "GPU inventory, health and CDI specs",
@@ -539,11 +536,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.version:
         print(f"coldbrew version {VERSION}\ncommit: none\nspec: {SPEC_VERSION}")
         return 0
-    if args.verb in _MIGRATING_VERBS:
-        # before the runtime's modules are even imported: see coldbrew.runtime.cgroups.migration
-        from .cgroups.migration import warm_migrations
-
-        warm_migrations()
     try:
         _choice(args.log_format, "--log-format", ("text", "json"))
         if hasattr(args, "format"):

@@ -106,13 +106,15 @@ class Runtime:
         oci_state, record = _claim(sd, bundle, spec, cgroup, CREATING, no_pivot)
         made_cgroup = False
         pids: list[int] = []
+        join_files = _self_join_files(spec, cgroup)
 
         def join_new_cgroup(child: int) -> None:
-            # after fork: made while the child sets up its namespaces (a busy cgroup_mutex waits beside it)
+            # after fork: made while the child sets up its namespaces
             nonlocal made_cgroup
             cgroup.create(resources)
             made_cgroup = True
-            cgroup.add_process(child)
+            if not join_files:
+                cgroup.add_process(child)
 
         try:
             os.mkfifo(sd.fifo)
@@ -123,7 +125,7 @@ class Runtime:
                                      state_dirfd=dirfd, seccomp_program=seccomp,
                                      seccomp_flags=spec.seccomp.flags if spec.seccomp else 0,
                                      shim_fd=exec_shim.shim_fd(), no_pivot=no_pivot, preserve_fds=preserve_fds,
-                                     stdio=stdio, extra_fds=tuple(extra_fds))
+                                     stdio=stdio, extra_fds=tuple(extra_fds), cgroup_join_files=join_files)
                 if console_socket:
                     from . import console
 
@@ -291,6 +293,20 @@ def _checked_extra_fds(extra_fds: Sequence[int]) -> tuple[int, ...]:
         except OSError:
             raise RuntimeFailure(f"extra_fds: descriptor {fd} is not open") from None
     return tuple(extra_fds)
+
+
+def _self_join_files(spec: Spec, cgroup: Any) -> tuple[str, ...]:
+    """Where a new container's child moves itself into its cgroup, skipping the kernel's global migration lock (see
+    Cgroup.self_join_files): it still sees the host's cgroup mounts, as the host's root, unless it entered a user,
+    mount or cgroup namespace before it joins."""
+    if spec.namespace("user") is not None or any(ns.path and ns.type in ("mount", "cgroup")
+                                                 for ns in spec.namespaces):
+        return ()
+    return cgroup.self_join_files()
+
+
+def _no_join(child: int) -> None:
+    """An exec's child moves itself into the container's cgroup (before it enters the namespaces)."""
 
 
 def _spawn(plan: init.InitPlan, join_cgroup: Callable[[int], None], pids: list[int], on_message: Any) -> int:
@@ -700,14 +716,15 @@ class Container:
         plan = init.InitPlan(spec=spec, process=process, state=self.state(), cgroup_paths=self._record["cgroup"],
                              seccomp_program=seccomp, seccomp_flags=spec.seccomp.flags if spec.seccomp else 0,
                              shim_fd=exec_shim.shim_fd(), preserve_fds=preserve_fds, join_pid=self.pid,
-                             stdio=stdio)
+                             stdio=stdio, cgroup_join_files=cgroup.self_join_files())
         if console_socket:
             from . import console
 
             plan.console_fd = console.connect(console_socket)
         pids: list[int] = []
         try:
-            pid = _spawn(plan, cgroup.add_process, pids, on_message=_unexpected)
+            pid = _spawn(plan, _no_join if plan.cgroup_join_files else cgroup.add_process, pids,
+                         on_message=_unexpected)
         except BaseException:
             for p in pids:
                 _kill_and_reap(p)

@@ -22,8 +22,10 @@ No threads, no heavy imports here: the child of a large process must stay small 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import resource
+import struct
 
 import _socket  # the C core: the `socket` wrapper module costs ~3 ms of every start to import
 
@@ -33,12 +35,15 @@ if TYPE_CHECKING:
 
 from . import cjson, exec_shim, libc, rootfs
 from .capabilities import Capabilities, permitted_now
-from .errors import RuntimeFailure, describe_os_error
-from .network import bring_up_loopback
-from .seccomp import load_filter
+from .cgroups import join_self
+from .errors import RuntimeFailure, SyscallError, describe_os_error
 from .spec import NAMESPACE_PROC_NAMES, Process, Spec
 
 _MSG_MAX = 65536
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+_IFREQ = struct.Struct("16sH22x")  # struct ifreq: the name, then the union whose first member is ifr_flags
 
 
 class InitPlan:
@@ -46,13 +51,14 @@ class InitPlan:
 
     __slots__ = ("spec", "process", "state", "cgroup_paths", "state_dirfd", "console_fd", "seccomp_program",
                  "seccomp_flags", "shim_fd", "no_pivot", "preserve_fds", "join_pid", "stdio", "extra_fds",
-                 "in_new_pid_ns")
+                 "in_new_pid_ns", "cgroup_join_files")
 
     def __init__(self, spec: Spec, process: Process, state: dict, *, cgroup_paths: dict[str, str] | None = None,
                  state_dirfd: int | None = None, console_fd: int | None = None,
                  seccomp_program: bytes | None = None, seccomp_flags: int = 0, shim_fd: int | None = None,
                  no_pivot: bool = False, preserve_fds: int = 0, join_pid: int | None = None,
-                 stdio: tuple[int, int, int] | None = None, extra_fds: tuple[int, ...] = ()) -> None:
+                 stdio: tuple[int, int, int] | None = None, extra_fds: tuple[int, ...] = (),
+                 cgroup_join_files: tuple[str, ...] = ()) -> None:
         self.spec = spec
         self.process = process
         self.state = state  # OCI state for hooks run by the child
@@ -68,6 +74,8 @@ class InitPlan:
         self.stdio = stdio  # the process's stdin, stdout, stderr; None: inherit ours
         self.extra_fds = extra_fds  # placed at 3 + preserve_fds, 3 + preserve_fds + 1, ... in the process
         self.in_new_pid_ns = False  # create only: the parent forked us into the container's pid namespace
+        # where we move ourselves into the container's cgroup (Cgroup.self_join_files); empty: the parent moves us
+        self.cgroup_join_files = cgroup_join_files
 
 
 def send(sock: _socket.socket, message: dict) -> None:
@@ -112,8 +120,6 @@ def child_main(plan: InitPlan, sock: _socket.socket) -> NoReturn:
         extra = _lift_extra_fds(plan) if plan.extra_fds else None
         if plan.stdio is not None:
             # through descriptors >= 3 first: one given for a stream may itself be 0-2 (stdio=(5, 0, 0))
-            import fcntl
-
             high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in plan.stdio]
             for target, fd in enumerate(high):
                 os.dup2(fd, target)
@@ -135,8 +141,6 @@ def child_main(plan: InitPlan, sock: _socket.socket) -> NoReturn:
 
 def _lift_extra_fds(plan: InitPlan) -> list[int]:
     """Copies of plan.extra_fds above their targets (3 + preserve_fds + i): a given descriptor may sit on a target."""
-    import fcntl
-
     top = 3 + plan.preserve_fds + len(plan.extra_fds)
     return [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top) for fd in plan.extra_fds]
 
@@ -148,8 +152,6 @@ def _place_extra_fds(plan: InitPlan, sock: _socket.socket, lifted: list[int]) ->
     Our own descriptors (the socket, the state directory, the shim, the console socket: opened by the parent before
     fork) may sit on a target too: they move above the targets first, so no dup2 clobbers what is still needed.
     """
-    import fcntl
-
     first = 3 + plan.preserve_fds
     top = first + len(lifted)
 
@@ -218,6 +220,7 @@ def _stage1_create(plan: InitPlan, sock: _socket.socket) -> None:
     rootfd = rootfs.prepare(spec, in_user_ns=new_user or bool(user_ns))
     # The cgroup namespace is rooted at our cgroup, and stage 2 inherits it at fork: both wait for "go"
     _await(sock, "go")
+    join_self(plan.cgroup_join_files)
     if flags & libc.CLONE_NEWCGROUP:
         libc.unshare(libc.CLONE_NEWCGROUP)
     if flags & libc.CLONE_NEWPID:
@@ -269,10 +272,29 @@ def _stage2_create(plan: InitPlan, sock: _socket.socket, rootfd: int) -> None:
     _exec(plan, path)
 
 
+def bring_up_loopback() -> None:
+    """Set `lo` up in the calling thread's network namespace (the kernel then gives it 127.0.0.1 and ::1)."""
+    try:
+        sock = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
+    except OSError as err:
+        raise SyscallError(err.errno, "socket(AF_INET, SOCK_DGRAM) to configure lo") from err
+    try:
+        req = bytearray(_IFREQ.pack(b"lo", 0))
+        fcntl.ioctl(sock.fileno(), _SIOCGIFFLAGS, req)
+        flags = _IFREQ.unpack(req)[1]
+        if not flags & _IFF_UP:
+            fcntl.ioctl(sock.fileno(), _SIOCSIFFLAGS, _IFREQ.pack(b"lo", flags | _IFF_UP))
+    except OSError as err:
+        raise SyscallError(err.errno, "ioctl(SIOCSIFFLAGS, lo, IFF_UP)") from err
+    finally:
+        sock.close()
+
+
 # ---- exec ------------------------------------------------------------------------------------------------------
 
 def _stage1_exec(plan: InitPlan, sock: _socket.socket) -> None:
     """Enter the namespaces of the running container's init, then fork into its pid namespace."""
+    join_self(plan.cgroup_join_files)  # while the host's cgroup mounts are in sight and we are the host's root
     fds = []
     try:
         for ns in plan.spec.namespaces:
@@ -445,6 +467,9 @@ def _exec(plan: InitPlan, path: str) -> NoReturn:
     if process.no_new_privileges:
         libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
     if plan.seccomp_program is not None:
+        # loaded with the spec's filter by the spec's parser, so found in sys.modules after pivot_root
+        from .seccomp import load_filter
+
         load_filter(plan.seccomp_program, plan.seccomp_flags)
         if not process.no_new_privileges:
             process.capabilities.apply()

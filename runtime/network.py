@@ -1,28 +1,22 @@
-"""Container networking: the loopback device, and a veth pair from a host bridge into the container's netns.
+"""Container networking: a veth pair from a host bridge into the container's netns (the init brings up `lo`
+itself, see coldbrew.runtime.init).
 
-`bring_up_loopback` runs in the container's init on every start, so this module imports only cheap C modules
-at the top; pyroute2 (about 300 ms to import) is loaded inside `attach` and `detach`, which run in the runtime.
+pyroute2 (about 300 ms to import) is loaded inside `attach` and `detach`, which run in the runtime.
 """
 
 from __future__ import annotations
 
-import _socket  # the C core of `socket`: the wrapper module costs ~7 ms to import on the init's hot path
 import errno
 import fcntl
 import os
-import struct
-from .records import record
 
-from .errors import RuntimeFailure, SpecError, SyscallError
+from .errors import RuntimeFailure, SpecError
+from .records import record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # annotations only: `typing` costs ~4 ms to import
     from typing import Any, Iterator
 
-_SIOCGIFFLAGS = 0x8913
-_SIOCSIFFLAGS = 0x8914
-_IFF_UP = 0x1
-_IFREQ = struct.Struct("16sH22x")  # struct ifreq: the name, then the union whose first member is ifr_flags
 _NS_GET_NSTYPE = 0xB703  # ioctl on a namespace fd: its CLONE_NEW* type
 _CLONE_NEWNET = 0x40000000  # libc.CLONE_NEWNET, without importing ctypes at module level
 _IFNAMSIZ = 16
@@ -30,24 +24,6 @@ _IFNAMSIZ = 16
 _BRIDGE_ALIAS = "coldbrew"
 # Serialises bridge creation and removal between concurrent runtime processes.
 _LOCK_PATH = "/run/coldbrew-network.lock"
-
-
-def bring_up_loopback() -> None:
-    """Set `lo` up in the calling thread's network namespace (the kernel then gives it 127.0.0.1 and ::1)."""
-    try:
-        sock = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
-    except OSError as err:
-        raise SyscallError(err.errno, "socket(AF_INET, SOCK_DGRAM) to configure lo") from err
-    try:
-        req = bytearray(_IFREQ.pack(b"lo", 0))
-        fcntl.ioctl(sock.fileno(), _SIOCGIFFLAGS, req)
-        flags = _IFREQ.unpack(req)[1]
-        if not flags & _IFF_UP:
-            fcntl.ioctl(sock.fileno(), _SIOCSIFFLAGS, _IFREQ.pack(b"lo", flags | _IFF_UP))
-    except OSError as err:
-        raise SyscallError(err.errno, "ioctl(SIOCSIFFLAGS, lo, IFF_UP)") from err
-    finally:
-        sock.close()
 
 
 class Attachment(record("Attachment", "netns bridge host_ifname ifname address gateway mtu")):

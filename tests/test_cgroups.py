@@ -15,7 +15,8 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-from coldbrew.runtime.cgroups import Cgroup, Resources, devices_bpf, from_paths, layout, mounts, open_cgroup
+from coldbrew.runtime.cgroups import (Cgroup, Resources, devices_bpf, from_paths, join_self, layout, mounts,
+                                      open_cgroup)
 from coldbrew.runtime.cgroups.resources import DeviceRule
 from coldbrew.runtime.cgroups.v1 import V1Cgroup
 from coldbrew.runtime.cgroups.v2 import V2Cgroup, blkio_weight_to_io_weight, shares_to_weight, swap_max
@@ -706,25 +707,27 @@ def test_v2_missing_controller_is_named(v2_root: str) -> None:
     assert not os.path.exists(os.path.join(v2_root, "swappy"))
 
 
-@pytest.mark.skipif(not V1_HOST, reason="the warm-up moves a thread through a v1 hierarchy")
-def test_migration_warm_up_moves_only_its_own_thread_and_ends():
-    from coldbrew.runtime.cgroups import migration
+def test_v1_a_forked_child_moves_itself_into_every_hierarchy(v1_cgroups: Callable[..., Cgroup],
+                                                             children: Callable[..., Child]) -> None:
+    cg = v1_cgroups("selfjoin")
+    files = cg.self_join_files()
+    assert sorted(files) == sorted({os.path.join(path, "tasks") for path in cg.paths.values()})
+    own_before = open("/proc/self/cgroup").read()
 
-    def tasks() -> set[str]:
-        return set(os.listdir("/proc/self/task"))
+    def join_and_wait() -> int:
+        join_self(files)
+        return _sleep_forever()
 
-    own_before, threads_before = open("/proc/self/cgroup").read(), tasks()
-    migration.warm_migrations(0.1)
-    migration.warm_migrations(0.15)  # extends the running warm-up: still one thread
-    assert migration._running and len(tasks() - threads_before) == 1
+    child = children(join_and_wait)
+    child.go()
+    want = v1_cgroups.parent + "/selfjoin"  # type: ignore[attr-defined]
     deadline = time.monotonic() + 5
-    while migration._running and time.monotonic() < deadline:
+    while True:
+        lines = open(f"/proc/{child.pid}/cgroup").read().splitlines()
+        v1_lines = [line for line in lines if not line.startswith("0::")]
+        if v1_lines and all(line.split(":", 2)[2] == want for line in v1_lines):
+            break
+        assert time.monotonic() < deadline, f"the child never joined {want}: {lines}"
         time.sleep(0.01)
-    assert not migration._running, "the warm-up thread outlived its deadline"
-    wait_for_threads = time.monotonic() + 1
-    while tasks() != threads_before and time.monotonic() < wait_for_threads:
-        time.sleep(0.01)
-    assert tasks() == threads_before
-    assert open("/proc/self/cgroup").read() == own_before  # the process was never moved
-    migration.warm_migrations(0.01)  # and a later call starts a new one
-    assert migration._running
+    assert child.pid in cg.pids()
+    assert open("/proc/self/cgroup").read() == own_before  # only the child moved

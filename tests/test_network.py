@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, strategies as st
 from pyroute2 import IPRoute
 
-from coldbrew.runtime import libc, network
+from coldbrew.runtime import init, libc, network
 from coldbrew.runtime.errors import RuntimeFailure, SpecError
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
@@ -218,9 +218,9 @@ def test_bring_up_loopback_in_fresh_netns() -> None:
         finally:
             probe.close()
         start = time.perf_counter_ns()
-        network.bring_up_loopback()
+        init.bring_up_loopback()
         took_ns = time.perf_counter_ns() - start
-        network.bring_up_loopback()  # already up: a no-op, not an error
+        init.bring_up_loopback()  # already up: a no-op, not an error
         with socket.socket() as listener:
             listener.bind(("127.0.0.1", 0))
             listener.listen(1)

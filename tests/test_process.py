@@ -190,6 +190,11 @@ def test_cli_exec_detach_and_process_file(runtime_root, bundles, cid, tmp_path):
         assert time.monotonic() < deadline, "the exec'd program never ran"
         time.sleep(0.01)
     assert pid in json.loads(coldbrew(runtime_root, "ps", "--format", "json", cid).stdout)
+    init_pid = json.loads(coldbrew(runtime_root, "state", cid).stdout)["pid"]
+    init_cgroups = open(f"/proc/{init_pid}/cgroup").read()
+    joined = [line for line in init_cgroups.splitlines() if line.endswith("/" + cid)]
+    assert joined and all(line in joined or line.startswith("0::") for line in init_cgroups.splitlines())
+    assert open(f"/proc/{pid}/cgroup").read() == init_cgroups  # the exec'd process is in the container's cgroup
     table = coldbrew(runtime_root, "ps", cid).stdout.splitlines()
     assert "PID" in table[0] and len(table) == 3
     coldbrew(runtime_root, "delete", "--force", cid)

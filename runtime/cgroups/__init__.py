@@ -186,6 +186,11 @@ class Cgroup(abc.ABC):
     def add_process(self, pid: int) -> None:
         """Move the process into the cgroup (every hierarchy of it)."""
 
+    def self_join_files(self) -> tuple[str, ...]:
+        """The files into which a single-threaded process writes "0" to move itself into the cgroup without the
+        kernel's global migration lock; empty where the kernel offers no such move (add_process is the way)."""
+        return ()
+
     @abc.abstractmethod
     def update(self, resources: Resources) -> None:
         """`runc update`: change the limits that `resources` sets and leave the others as they are."""
@@ -243,6 +248,13 @@ class Cgroup(abc.ABC):
 def oserror(e: OSError, call: str) -> SyscallError:
     """The OSError as a SyscallError naming the call and its file (the CLI prints RuntimeFailures as is)."""
     return SyscallError(e.errno or errno.EIO, call)
+
+
+def join_self(files: tuple[str, ...]) -> None:
+    """Move the calling thread into the cgroup whose `self_join_files()` these are: in a process that has no other
+    thread (a child just forked), the whole process."""
+    for path in files:
+        write_file(path, "0")
 
 
 def write_file(path: str, value: str) -> None:

@@ -59,6 +59,12 @@ class V1Cgroup(Cgroup):
         for path in self._dirs():
             write_file(os.path.join(path, "cgroup.procs"), str(pid))
 
+    def self_join_files(self) -> tuple[str, ...]:
+        # A pid written to cgroup.procs takes cgroup_threadgroup_rwsem for writing, which after an idle moment waits
+        # for an RCU grace period (7.8 ms on this VM, paid by runc too); a thread moving itself ("0" into tasks) is
+        # exempt from that lock (Linux 5.5's "Optimize single thread migration"): 0.1 ms.
+        return tuple(os.path.join(path, "tasks") for path in self._dirs())
+
     def update(self, resources: Resources) -> None:
         self._check(resources)
         memory = resources.memory
