@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -224,6 +225,24 @@ def test_cli_errors_are_json_logged(runtime_root, tmp_path):
     assert entry["level"] == "debug" and entry["msg"].endswith("list")
     refused = coldbrew(runtime_root, "--systemd-cgroup", "state", "x", check=False)
     assert refused.returncode == 1 and "systemd" in refused.stderr
+
+
+def test_cli_runs_short_verbs_without_the_garbage_collector(runtime_root, capsys):
+    from coldbrew.runtime import cli
+
+    gc.disable()  # as run_and_exit leaves it for main()
+    try:
+        assert cli.main(["--root", runtime_root, "state", "missing"]) == 1
+        assert not gc.isenabled()
+        assert cli.main(["--root", runtime_root, "list"]) == 0  # not on the start path: collected as usual
+        assert gc.isenabled()
+        gc.disable()
+        with pytest.raises(SystemExit):  # argparse's --help
+            cli.main(["fs", "--help"])
+        assert gc.isenabled()  # the command groups hold long-running commands (coldbrew fs mount)
+    finally:
+        gc.enable()
+    capsys.readouterr()
 
 
 def test_no_pivot_runs_in_a_chroot(runtime_root, bundles, cid):
