@@ -310,8 +310,8 @@ def _no_join(child: int) -> None:
 
 
 def _spawn(plan: init.InitPlan, join_cgroup: Callable[[int], None], pids: list[int], on_message: Any) -> int:
-    """Fork the child, put it in its cgroup (`join_cgroup(pid)`), drive the init protocol; returns the pid of the
-    final process."""
+    """Fork the child, call `join_cgroup(pid)` before it goes on (the cgroup made, the child moved there unless it
+    moves itself: plan.cgroup_join_files), drive the init protocol; returns the pid of the final process."""
     parent_sock, child_sock = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     child = None
     try:
