@@ -15,6 +15,7 @@ import pytest
 
 from coldbrew.bench.bundles import make_rootfs
 from coldbrew.runtime.errors import ContainerExists, ContainerNotFound, InvalidState, NotRunning
+from coldbrew.runtime.spec import Process
 from conftest import coldbrew
 
 
@@ -100,12 +101,8 @@ def test_init_is_the_only_process_in_its_cgroup(runtime, bundles, cid, tmp_path)
     assert os.readlink("/proc/thread-self/ns/pid_for_children") == os.readlink("/proc/self/ns/pid")
 
 
-def test_user_namespace_mappings(runtime, bundles, cid, tmp_path):
-    # the container's root is host uid 100000: its rootfs must be reachable for others (pytest's tmp is 0700)
-    shared = Path(tempfile.mkdtemp(prefix="coldbrew-userns-"))
-    shared.chmod(0o755)
-    rootfs = make_rootfs(shared / "rootfs")
-
+def _in_user_namespace(rootfs: Path):
+    """A bundle edit: a user namespace mapping the container's root to host uid 100000."""
     def edit(c):
         c["root"]["path"] = str(rootfs)
         c["linux"]["namespaces"].append({"type": "user"})
@@ -114,13 +111,42 @@ def test_user_namespace_mappings(runtime, bundles, cid, tmp_path):
         c["mounts"] = [m for m in c["mounts"] if m["type"] not in ("cgroup", "sysfs", "mqueue")]
         c["linux"]["resources"] = {}
 
-    code, out = run_capture(runtime, cid, bundles.make(["sh", "-c", "id -u; cat /proc/self/uid_map"], edit=edit),
-                            tmp_path)
+    return edit
+
+
+@pytest.fixture
+def shared_rootfs():
+    # the container's root is host uid 100000: its rootfs must be reachable for others (pytest's tmp is 0700)
+    shared = Path(tempfile.mkdtemp(prefix="coldbrew-userns-"))
+    shared.chmod(0o755)
+    yield make_rootfs(shared / "rootfs")
     shutil.rmtree(shared)
+
+
+def test_user_namespace_mappings(runtime, bundles, cid, tmp_path, shared_rootfs):
+    bundle = bundles.make(["sh", "-c", "id -u; cat /proc/self/uid_map"], edit=_in_user_namespace(shared_rootfs))
+    code, out = run_capture(runtime, cid, bundle, tmp_path)
     assert code == 0, out
     lines = out.splitlines()
     assert lines[0] == "0"
     assert lines[1].split() == ["0", "100000", "65536"]
+
+
+def test_exec_into_a_user_namespace_joins_the_container_cgroup(runtime, bundles, cid, tmp_path, shared_rootfs):
+    # the exec'd child moves itself into the cgroup before it enters the user namespace (after it, it could not)
+    container = runtime.create(cid, bundles.make(["sleep", "60"], edit=_in_user_namespace(shared_rootfs)))
+    container.start()
+    out = tmp_path / "exec.out"
+    process = Process.from_spec({"args": ["sh", "-c", "id -u; cat /proc/self/cgroup"], "cwd": "/",
+                                 "env": ["PATH=/bin"]})
+    with open(out, "wb") as f:
+        assert container.exec(process, stdio=(0, f.fileno(), f.fileno())).wait() == 0
+    lines = out.read_text().splitlines()
+    assert lines[0] == "0"
+    # in the container's cgroup namespace, the container's own cgroup is "/" in every hierarchy
+    assert lines[1:] and all(line.endswith(":/") for line in lines[1:]), lines
+    container.kill(signal.SIGKILL)
+    container.wait()
 
 
 def test_join_namespace_by_path(runtime, bundles, cid, tmp_path):
