@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     from ..runtime.spec import Spec
 
 from ..runtime import libc
-from ..runtime.cgroups import join_self
 from ..runtime.errors import InvalidState, RuntimeFailure
 from . import criu as criu_mod, cuda, image, rpc
 from .errors import CriuError, CudaError, SnapshotError
@@ -480,15 +479,13 @@ def _cgroup_roots(pid: int) -> list[dict]:
     return roots
 
 
-def _criu_preexec(cgroup_join_files: tuple[str, ...], source: str, target: str, readonly: bool) -> Any:
-    """For CRIU's process before it execs: into the container's cgroup (when it can move itself, see
-    Cgroup.self_join_files), then a mount namespace of its own, the container's root bound at `target`.
+def _private_root(source: str, target: str, readonly: bool) -> Any:
+    """For CRIU's process before it execs: a mount namespace of its own, the container's root bound at `target`.
 
     CRIU needs the restored root to be a mount point; bound in CRIU's own namespace it disappears with CRIU. The
     bind carries the root's read-only flag, which CRIU keeps for the restored root mount.
     """
     def preexec() -> None:
-        join_self(cgroup_join_files)
         libc.unshare(libc.CLONE_NEWNS)
         libc.mount(None, "/", None, libc.MS_REC | libc.MS_SLAVE)
         libc.mount(source, target, None, libc.MS_BIND | libc.MS_REC)
@@ -517,11 +514,9 @@ def _run_restore(tool: criu_mod.Criu, snap: image.Snapshot, spec: Spec, cgroup: 
     }
     request = {"type": rpc.RESTORE, "opts": opts}
     restored: list[int] = []  # the root task, once a notification names it: ours to reap if CRIU fails after
-    join_files = cgroup.self_join_files()  # CRIU's tasks are born in the container's cgroup
 
     def on_start(pid: int) -> None:
-        if not join_files:
-            cgroup.add_process(pid)
+        cgroup.add_process(pid)  # CRIU's tasks are born in the container's cgroup
         opts["cg_root"] = _cgroup_roots(pid)
 
     def on_notify(script: str, pid: int, fds: list[int]) -> None:
@@ -538,8 +533,7 @@ def _run_restore(tool: criu_mod.Criu, snap: image.Snapshot, spec: Spec, cgroup: 
 
     try:
         response = tool.call(request, stdio=stdio, log=(work, RESTORE_LOG), on_start=on_start,
-                             on_notify=on_notify, preexec=_criu_preexec(join_files, spec.root_path, root,
-                                                                      spec.root_readonly))
+                             on_notify=on_notify, preexec=_private_root(spec.root_path, root, spec.root_readonly))
     except CriuError:
         for pid in restored:
             _reap(pid)
