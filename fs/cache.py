@@ -25,16 +25,23 @@ every read, and hashing would more than double the cost of a warm 1 MiB read (me
 from __future__ import annotations
 
 import fcntl
+import mmap
 import os
 import shutil
 import struct
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import lmdb
 
-from .errors import CorruptChunk, FsError
+from . import objects
+from .errors import BadReference, ChunkMissing, CorruptChunk, FsError
+from .index import Index
 from .objects import DIGEST_SIZE, digest_of
+
+if TYPE_CHECKING:
+    from .store import ChunkStore
 
 DEFAULT_CACHE_DIR = "/var/cache/coldbrew"
 DEFAULT_CACHE_SIZE = 20 << 30
@@ -620,3 +627,35 @@ def _counter(txn: lmdb.Transaction, db: object, key: bytes) -> int:
 
 def _add_counter(txn: lmdb.Transaction, db: object, key: bytes, delta: int) -> None:
     txn.put(key, _COUNTER.pack(max(0, _counter(txn, db, key) + delta)), db=db)
+
+
+MAX_INDEX_SIZE = 1 << 30
+
+
+def load_index(reference: str, store: ChunkStore, cache: ChunkCache) -> tuple[Index, mmap.mmap]:
+    """The image's index, from the cache or else the store, validated once per cache (raises FsError)."""
+    digest = objects.parse_reference(reference)
+    path = cache.index_path(digest)
+    if not os.path.exists(path):
+        try:
+            stored = store.get(digest)
+        except ChunkMissing:
+            raise BadReference(f"image {reference} is not in the store {store.describe()}") from None
+        cache.put_index(digest, objects.decode(digest, stored, MAX_INDEX_SIZE))
+    with open(path, "rb") as file:
+        mapped = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)
+    index = None
+    try:
+        index = Index(mapped)
+        if not cache.is_index_validated(digest):
+            index.validate()
+            cache.mark_index_validated(digest)
+    except BaseException:
+        if index is not None:
+            index.release()
+        try:
+            mapped.close()
+        except BufferError:
+            pass  # a half-built Index still holds views (its traceback): the mapping goes with them
+        raise
+    return index, mapped

@@ -307,7 +307,7 @@ def serve_mounts(socket_path: str = MOUNT_SERVER_SOCKET) -> int:
     import pyfuse3  # noqa: F401  (loaded before forking is the point)
     import trio  # noqa: F401
 
-    from . import cache, fetch, imagefs, store  # noqa: F401
+    from . import cache, fetch, imagefs, profile, store  # noqa: F401
 
     os.makedirs(os.path.dirname(socket_path), mode=0o700, exist_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -387,7 +387,9 @@ class _Server:
 
         from .cache import ChunkCache
         from .fetch import ChunkFetcher
-        from .imagefs import ImageFs, ProfileRecorder, load_index
+        from .cache import load_index
+        from .imagefs import ImageFs
+        from .profile import ProfileRecorder
         from .store import open_store
 
         self.args = args
@@ -566,9 +568,11 @@ class _Server:
         if self.recorder is None or not len(self.recorder):
             return 0
         count = len(self.recorder)
+        from .profile import profile_name
+
         data = self.recorder.serialize()
         try:
-            self.store.put_named(f"profiles/{self.reference}", data)
+            self.store.put_named(profile_name(self.reference), data)
         except Exception as error:  # any store failure: reported, never fatal to the unmount
             log.error("cannot save the start-up profile of %s: %s", self.reference, error)
             raise FsError(f"cannot save the start-up profile: {error}") from None
@@ -578,10 +582,11 @@ class _Server:
     async def _prefetch(self) -> None:
         import trio
 
-        from .imagefs import Prefetcher, parse_profile
+        from .imagefs import Prefetcher
+        from .profile import parse_profile, profile_name
 
         try:
-            data = await trio.to_thread.run_sync(self.store.get_named, f"profiles/{self.reference}")
+            data = await trio.to_thread.run_sync(self.store.get_named, profile_name(self.reference))
             if data is None:
                 return
             profile = parse_profile(data, self.index)

@@ -1,4 +1,4 @@
-"""The read-only FUSE filesystem of one image (pyfuse3 on trio), and loading an image's index for it.
+"""The read-only FUSE filesystem of one image (pyfuse3 on trio).
 
 Metadata comes from the index alone (an mmap of the cached index object), never from the store: lookups,
 attributes, directory listings, symlinks and xattrs cost no I/O. Images are immutable, so the kernel may keep
@@ -14,58 +14,22 @@ from __future__ import annotations
 import bisect
 import errno
 import logging
-import mmap
 import os
 import stat
-from array import array
 
 import pyfuse3
 import trio
 
-from . import objects
-from .cache import ChunkCache
-from .errors import BadReference, ChunkMissing, FsError
 from .fetch import ChunkFetcher
 from .index import Chunk, Index
-from .store import ChunkStore
+from .profile import ProfileRecorder
 
 log = logging.getLogger("coldbrew.fs")
 
 # Images never change: let the kernel keep entries and attributes for a day before asking again.
 TIMEOUT = 86400.0
-MAX_INDEX_SIZE = 1 << 30
 # Read-ahead within a file: once reads are sequential, keep this many bytes of following chunks on their way.
 READ_AHEAD_BYTES = 8 << 20
-PROFILE_MAGIC = b"CBPROF\x00\x01"
-
-
-def load_index(reference: str, store: ChunkStore, cache: ChunkCache) -> tuple[Index, mmap.mmap]:
-    """The image's index, from the cache or else the store, validated once per cache (raises FsError)."""
-    digest = objects.parse_reference(reference)
-    path = cache.index_path(digest)
-    if not os.path.exists(path):
-        try:
-            stored = store.get(digest)
-        except ChunkMissing:
-            raise BadReference(f"image {reference} is not in the store {store.describe()}") from None
-        cache.put_index(digest, objects.decode(digest, stored, MAX_INDEX_SIZE))
-    with open(path, "rb") as file:
-        mapped = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)
-    index = None
-    try:
-        index = Index(mapped)
-        if not cache.is_index_validated(digest):
-            index.validate()
-            cache.mark_index_validated(digest)
-    except BaseException:
-        if index is not None:
-            index.release()
-        try:
-            mapped.close()
-        except BufferError:
-            pass  # a half-built Index still holds views (its traceback): the mapping goes with them
-        raise
-    return index, mapped
 
 
 class _OpenFile:
@@ -81,54 +45,6 @@ class _OpenFile:
         self.next_offset = -1  # where the last read ended
         self.streak_start = 0  # where the current run of sequential reads began
         self.ahead_until = 0  # chunk position up to which read-ahead has been started
-
-
-class ProfileRecorder:
-    """The chunks a run reads, in first-access order, as (inode, chunk position) pairs of this image."""
-
-    def __init__(self) -> None:
-        self._seen: set[int] = set()
-        self._order = array("I")
-
-    def note(self, ino: int, position: int) -> None:
-        key = (ino << 32) | position
-        if key not in self._seen:
-            self._seen.add(key)
-            self._order.extend((ino, position))
-
-    def __len__(self) -> int:
-        return len(self._order) // 2
-
-    def serialize(self) -> bytes:
-        return PROFILE_MAGIC + objects.compress(self._order.tobytes())
-
-
-def parse_profile(data: bytes, index: Index) -> list[tuple[int, Chunk]]:
-    """(inode, chunk) pairs of a saved profile, in order; entries that do not fit this image are dropped."""
-    if not data.startswith(PROFILE_MAGIC):
-        raise FsError("start-up profile: not a coldbrew profile")
-    import zstandard
-
-    # A profile names each chunk reference of the image at most once: bound what it may decompress to.
-    limit = 8 * index.chunk_count
-    try:
-        raw = zstandard.ZstdDecompressor().decompress(data[len(PROFILE_MAGIC):], max_output_size=limit)
-    except zstandard.ZstdError as error:
-        raise FsError(f"start-up profile: does not decompress ({error})") from None
-    pairs = array("I")
-    pairs.frombytes(raw[: len(raw) - len(raw) % 8])
-    files: dict[int, list[Chunk]] = {}
-    result = []
-    for k in range(0, len(pairs), 2):
-        ino, position = pairs[k], pairs[k + 1]
-        if not (1 <= ino <= index.entries and stat.S_ISREG(index.mode(ino))):
-            continue
-        chunks = files.get(ino)
-        if chunks is None:
-            chunks = files[ino] = index.chunks(ino)
-        if position < len(chunks):
-            result.append((ino, chunks[position]))
-    return result
 
 
 class ImageFs(pyfuse3.Operations):

@@ -14,6 +14,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
 _MNT_DETACH = 2
+_MS_RDONLY = 1
 
 
 def canonical(mountpoint: str) -> str:
@@ -78,9 +79,16 @@ def mounted(path: str) -> bool:
 
 
 def mount_overlay(target: str, lower: str, upper: str, work: str) -> int:
-    """Mount overlayfs at `target`; returns 0 or the errno."""
+    """Mount overlayfs at `target` (`lower`: its lowerdir option); returns 0 or the errno."""
     options = f"lowerdir={lower},upperdir={upper},workdir={work}".encode()
     if _libc.mount(b"overlay", os.fsencode(target), b"overlay", 0, options) != 0:
+        return ctypes.get_errno()
+    return 0
+
+
+def mount_erofs(image: str, target: str) -> int:
+    """Mount an EROFS image file read-only at `target` (file-backed: Linux 6.12 and later); 0 or the errno."""
+    if _libc.mount(os.fsencode(image), os.fsencode(target), b"erofs", _MS_RDONLY, None) != 0:
         return ctypes.get_errno()
     return 0
 

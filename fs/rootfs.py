@@ -1,40 +1,65 @@
-"""A container root from an image: overlayfs (upper and work on local disk) over the read-only lazy mount.
+"""A container root from an image: overlayfs (upper and work on local disk) over the image's read-only layers.
 
 `create_root(reference, directory, store=...)` makes, under `directory`:
   image/    the FUSE mount of the image (read-only, shared page cache, chunks fetched on first read)
+  meta/     the image's EROFS metadata image (`coldbrew.fs.erofs`), mounted: lookups, stat and readdir stay in
+            the kernel, and a regular file's data is looked up by path in the data-only layers below it
   upper/    the container's changes          work/  overlayfs's scratch space
   rootfs/   the merged, writable root: point a bundle's `root.path` at it
-and `remove_root(directory)` takes all of it down again. Both are idempotent about what already is or is not there,
-so a half-made root (a crash in between) is removed as well.
+The lower layers are `meta::HOT::image`, HOT being the host's hot layer for the image's start-up profile
+(`coldbrew.fs.hotlayer`: the files a start reads whole, on local disk), when the store has a profile. A kernel
+without file-backed EROFS (6.12) or data-only overlay layers (6.5) gets `image` alone, as does a tree EROFS
+cannot express. `remove_root(directory)` takes all of it down. Both are idempotent about what already is or is
+not there, so a half-made root (a crash in between) is removed as well.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 
+from .cache import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
 from .errors import FsError
-from .mounts import mount_overlay, mounted, umount
+from .mounts import mount_erofs, mount_overlay, mounted, umount
 
-_PARTS = ("image", "upper", "work", "rootfs")
+log = logging.getLogger("coldbrew.fs")
+
+_PARTS = ("image", "meta", "upper", "work", "rootfs")
+METADATA_DIRECTORY = "erofs"
 
 
-def create_root(reference: str, directory: str, *, store: str, **mount_options: object) -> str:
+def create_root(reference: str, directory: str, *, store: str, hot: bool = True, **mount_options: object) -> str:
     """Mount `reference` with a writable layer under `directory`; returns the root's path (`directory/rootfs`).
 
-    `mount_options` go to `coldbrew.fs.daemon.mount` (cache_dir, cache_size, record_profile, prefetch).
+    `hot`: stack the hot layer of the image's start-up profile, building it first (its chunks fetched) if this
+    host has none. `mount_options` go to `coldbrew.fs.daemon.mount` (cache_dir, cache_size, record_profile,
+    prefetch); a recording mount gets no hot layer (the reads it records must reach FUSE).
     """
     from .daemon import mount
 
     directory = os.path.abspath(directory)
-    image, upper, work, merged = (os.path.join(directory, part) for part in _PARTS)
+    image, meta, upper, work, merged = (os.path.join(directory, part) for part in _PARTS)
     if os.path.exists(merged) and mounted(merged):
         raise FsError(f"{directory} already holds a mounted container root")
-    for path in (image, upper, work, merged):
+    for path in (image, meta, upper, work, merged):
         os.makedirs(path, exist_ok=True)
     try:
+        metadata, hot_layer = _local_layers(
+            reference, store, str(mount_options.get("cache_dir", DEFAULT_CACHE_DIR)),
+            int(mount_options.get("cache_size", DEFAULT_CACHE_SIZE)),  # type: ignore[call-overload]
+            hot=hot and not mount_options.get("record_profile"))
         mount(reference, image, store=store, **mount_options)
-        error = mount_overlay(merged, image, upper, work)
+        error = 1
+        if metadata is not None and mount_erofs(metadata, meta) == 0:
+            lower = "::".join(path for path in (meta, hot_layer, image) if path)
+            error = mount_overlay(merged, lower, upper, work)
+            if error:
+                log.warning("overlay with data-only layers on %s: %s; the image's metadata comes from FUSE",
+                            merged, os.strerror(error))
+                umount(meta)
+        if error:
+            error = mount_overlay(merged, image, upper, work)
         if error:
             raise FsError(f"overlay mount on {merged}: {os.strerror(error)}")
     except BaseException:
@@ -43,19 +68,64 @@ def create_root(reference: str, directory: str, *, store: str, **mount_options: 
     return merged
 
 
+def _local_layers(reference: str, store_location: str, cache_dir: str, cache_size: int, *,
+                  hot: bool) -> tuple[str | None, str | None]:
+    """(the image's EROFS metadata image, its hot layer or None), made on this host if missing.
+
+    The metadata image is None when the tree holds what EROFS cannot express.
+    """
+    from . import erofs
+    from .cache import ChunkCache, load_index
+    from .hotlayer import hot_layer
+    from .profile import profile_name
+    from .store import open_store
+
+    store = open_store(store_location)
+    try:
+        with ChunkCache(cache_dir, cache_size) as cache:
+            index, mapped = load_index(reference, store, cache)
+            try:
+                redirects = None
+                metadata = os.path.join(cache.directory, METADATA_DIRECTORY, reference)
+                if not os.path.exists(metadata):
+                    redirects = erofs.redirect_paths(index)
+                    os.makedirs(os.path.dirname(metadata), exist_ok=True)
+                    try:
+                        erofs.write_image(index, metadata, redirects)
+                    except erofs.UnsupportedTree as error:
+                        log.warning("image %s is served from FUSE alone: %s", reference, error)
+                        return None, None
+                profile = store.get_named(profile_name(reference)) if hot else None
+                if not profile:
+                    return metadata, None
+                if redirects is None:
+                    redirects = erofs.redirect_paths(index)
+                return metadata, hot_layer(index, reference, profile, store, cache, redirects=redirects)
+            finally:
+                index.release()
+                mapped.close()
+    finally:
+        close = getattr(store, "close", None)
+        if close is not None:
+            close()
+
+
 def remove_root(directory: str) -> None:
-    """Unmount the overlay and the image and remove everything `create_root` made."""
+    """Unmount the overlay, the metadata image and the image and remove everything `create_root` made."""
     from .daemon import unmount
 
     directory = os.path.abspath(directory)
     if not os.path.isdir(directory):
         raise FsError(f"{directory} is not a container root")
     merged = os.path.join(directory, "rootfs")
+    meta = os.path.join(directory, "meta")
     image = os.path.join(directory, "image")
     if os.path.isdir(merged) and mounted(merged):
         if umount(merged):
-            # Busy (a process still inside): detach, so the image below can go too.
+            # Busy (a process still inside): detach, so the layers below can go too.
             umount(merged, detach=True)
+    if os.path.isdir(meta) and mounted(meta) and umount(meta):
+        umount(meta, detach=True)
     if os.path.isdir(image) and mounted(image):
         unmount(image)
     for part in _PARTS:

@@ -22,10 +22,12 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from coldbrew.fs import objects
 from coldbrew.fs.daemon import STATE_DIR, _detach, _paths, mount, mount_stats, save_profile, unmount
-from coldbrew.fs.mounts import mount_entry
+from coldbrew.fs.erofs import UnsupportedTree, write_image
+from coldbrew.fs.mounts import mount_entry, mount_table, mounts_below
 from coldbrew.fs.errors import BadReference, FsError
 from coldbrew.fs.index import Index, IndexBuilder
 from coldbrew.fs.pushing import push
+from coldbrew.fs.rootfs import create_root, remove_root
 from coldbrew.fs.store import LocalStore, object_path
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
@@ -596,3 +598,173 @@ def test_mount_errors_are_clear(mounts: Mounts, tmp_path: Path) -> None:
     state = json.loads(Path(_paths(str(point))[0]).read_text())
     assert state["reference"] == reference and state["mountpoint"] == str(point)
     assert os.path.dirname(_paths(str(point))[0]) == STATE_DIR
+
+
+# --- container roots: EROFS metadata image, hot layer, FUSE data ----------------------------------------------------
+
+@pytest.fixture
+def roots(tmp_path: Path):
+    """create_root for one test; every root is removed at teardown, and nothing of it stays mounted."""
+    made: list[Path] = []
+
+    def create(reference: str, name: str = "root", *, cache: Path | None = None, **options) -> Path:
+        directory = tmp_path / name
+        made.append(directory)
+        return Path(create_root(reference, str(directory), store=str(tmp_path / "store"),
+                                cache_dir=str(cache or tmp_path / "cache"), **options))
+
+    yield create
+    for directory in made:
+        if directory.exists():
+            remove_root(str(directory))
+    assert not mounts_below(os.path.realpath(tmp_path))
+
+
+def _lower_layers(rootfs: Path) -> list[str]:
+    options = next(entry.options for entry in mount_table() if entry.point == str(rootfs))
+    lowerdir = next(option for option in options.split(",") if option.startswith("lowerdir="))
+    return lowerdir[len("lowerdir="):].split("::")
+
+
+def _without_root(description: dict) -> dict:
+    # The merged root directory takes its attributes from the container's own (upper) directory.
+    return {path: value for path, value in description.items() if path != b"."}
+
+
+def test_root_metadata_comes_from_an_erofs_image(roots, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    make_rich_tree(tree)
+    os.setxattr(tree / "small.txt", "trusted.overlay.opaque", b"y")  # the image's own: shown, never obeyed
+    reference = push(str(tree), LocalStore(str(tmp_path / "store")), chunk_size=SMALL_CHUNK).reference
+    rootfs = roots(reference)
+    layers = _lower_layers(rootfs)
+    assert layers == [str(tmp_path / "root" / "meta"), str(tmp_path / "root" / "image")]
+    assert mount_entry(layers[0])[1] == "erofs"
+    assert _without_root(describe(rootfs)) == _without_root(describe(tree))
+    assert (rootfs / "sparse").read_bytes() == (tree / "sparse").read_bytes()
+    # The container writes above it all.
+    (rootfs / "small.txt").write_text("changed")
+    assert (tmp_path / "root" / "upper" / "small.txt").read_text() == "changed"
+    assert (tree / "small.txt").read_text() == "hello\n"
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(spec=_trees, data=st.data())
+def test_root_round_trip_generated_trees(spec: dict, data: st.DataObject,
+                                         tmp_path_factory: pytest.TempPathFactory) -> None:
+    base = tmp_path_factory.mktemp("generated-root")
+    tree = base / "tree"
+    tree.mkdir()
+    metadata = st.tuples(st.integers(0, 0o7777), st.integers(0, 70000), st.integers(0, 70000),
+                         st.integers(-(10 ** 18), 10 ** 18))
+    _write_tree(os.fsencode(tree), spec, lambda: data.draw(metadata))
+    reference = push(str(tree), LocalStore(str(base / "store")), chunk_size=SMALL_CHUNK).reference
+    rootfs = create_root(reference, str(base / "root"), store=str(base / "store"), cache_dir=str(base / "cache"))
+    try:
+        assert _lower_layers(Path(rootfs))[0] == str(base / "root" / "meta")
+        assert _without_root(describe(Path(rootfs))) == _without_root(describe(tree))
+    finally:
+        remove_root(str(base / "root"))
+
+
+def test_root_metadata_never_reaches_fuse(roots, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    make_rich_tree(tree)
+    reference = push(str(tree), LocalStore(str(tmp_path / "store")), chunk_size=SMALL_CHUNK).reference
+    rootfs = roots(reference)
+    daemon = mount_stats(str(tmp_path / "root" / "image"))["pid"]
+    os.kill(daemon, signal.SIGSTOP)  # a request that reached FUSE now would hang
+    try:
+        walk = subprocess.run(["find", str(rootfs), "-printf", "%p %s %m %U %G %n %l\\0"], capture_output=True,
+                              timeout=20)
+    finally:
+        os.kill(daemon, signal.SIGCONT)
+    assert walk.returncode == 0
+    assert walk.stdout.count(b"\0") == len(describe(tree)) - 1  # every entry (not the <hardlinks> key)
+    assert (rootfs / "large.bin").read_bytes() == (tree / "large.bin").read_bytes()  # data: from FUSE
+
+
+def test_hot_layer_serves_the_files_a_start_reads_whole(roots, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "lib").mkdir()
+    whole = {f"lib/module{k}.py": os.urandom(1000 + k) for k in range(5)}
+    whole["lib/big-read-whole"] = os.urandom(3 * SMALL_CHUNK + 5)
+    for name, content in whole.items():
+        (tree / name).write_bytes(content)
+    (tree / "lib/library.so").write_bytes(os.urandom(6 * SMALL_CHUNK))  # read in part: stays lazy
+    (tree / "unread").write_bytes(b"never read at start")
+    os.link(tree / "lib/module0.py", tree / "module0-link")
+    reference = push(str(tree), LocalStore(str(tmp_path / "store")), chunk_size=SMALL_CHUNK).reference
+
+    rootfs = roots(reference, "record", record_profile=True)
+    assert len(_lower_layers(rootfs)) == 2  # a recording root has no hot layer
+    for name in whole:
+        (rootfs / name).read_bytes()
+    with open(rootfs / "lib/library.so", "rb") as library:
+        library.seek(2 * SMALL_CHUNK)
+        library.read(100)
+    remove_root(str(tmp_path / "record"))
+
+    cold = tmp_path / "cold-cache"
+    rootfs = roots(reference, "hot", cache=cold)
+    meta, hot, image = _lower_layers(rootfs)
+    assert hot.startswith(str(cold / "hot" / reference))
+    hot_files = sorted(os.path.relpath(os.path.join(d, f), hot) for d, _, files in os.walk(hot) for f in files)
+    assert hot_files == sorted(whole)
+    for name, content in whole.items():
+        assert (Path(hot) / name).read_bytes() == content
+    stats = mount_stats(str(tmp_path / "hot" / "image"))
+    for name, content in whole.items():
+        assert (rootfs / name).read_bytes() == content
+    assert (rootfs / "module0-link").read_bytes() == whole["lib/module0.py"]
+    assert mount_stats(str(tmp_path / "hot" / "image"))["reads"] == stats["reads"]  # none reached FUSE
+    assert (rootfs / "lib/library.so").read_bytes() == (tree / "lib/library.so").read_bytes()
+    assert (rootfs / "unread").read_bytes() == b"never read at start"
+    assert mount_stats(str(tmp_path / "hot" / "image"))["reads"] > stats["reads"]
+
+    # A second root on the host stacks the same layer, built once.
+    second = roots(reference, "second", cache=cold)
+    assert _lower_layers(second)[1] == hot
+    assert os.listdir(cold / "hot") == [os.path.basename(hot)]
+
+
+def test_hot_layer_build_leaves_nothing_half_made(roots, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "file").write_bytes(os.urandom(5000))
+    store = LocalStore(str(tmp_path / "store"))
+    reference = push(str(tree), store, chunk_size=SMALL_CHUNK).reference
+    rootfs = roots(reference, "record", record_profile=True)
+    (rootfs / "file").read_bytes()
+    remove_root(str(tmp_path / "record"))
+    chunk = Index(objects.decode(bytes.fromhex(reference), store.get(bytes.fromhex(reference)), 1 << 20)).chunks(2)[0]
+    cache = tmp_path / "cold-cache"  # the recording's cache holds the chunk: this one must fetch it
+    (cache / "hot").mkdir(parents=True)
+    abandoned = cache / "hot" / f".building-{2 ** 22 + 1}-{reference}-x"  # a builder killed half-way
+    (abandoned / "file").parent.mkdir(parents=True)
+    # A corrupt chunk in the store: the build fails, naming it, and leaves no layer behind.
+    good = (tmp_path / "store" / object_path(chunk.digest)).read_bytes()
+    (tmp_path / "store" / object_path(chunk.digest)).write_bytes(good[:-3] + b"bad")
+    with pytest.raises(FsError, match=chunk.digest.hex()):
+        roots(reference, "broken", cache=cache)
+    assert not abandoned.exists()
+    assert [name for name in os.listdir(cache / "hot") if not name.startswith(".")] == []
+    assert not (tmp_path / "broken").exists()
+    (tmp_path / "store" / object_path(chunk.digest)).write_bytes(good)
+    rootfs = roots(reference, "fixed", cache=cache)
+    assert (rootfs / "file").read_bytes() == (tree / "file").read_bytes()
+    assert len(_lower_layers(rootfs)) == 3
+
+
+def test_tree_erofs_cannot_express_is_served_from_fuse(roots, tmp_path: Path) -> None:
+    builder = IndexBuilder()
+    root = builder.add(mode=stat.S_IFDIR | 0o755)
+    odd = builder.add(mode=stat.S_IFREG | 0o644, xattrs=[(b"system.unknown", b"1")])
+    builder.set_children(root, [(b"odd", odd)])
+    with pytest.raises(UnsupportedTree, match="system.unknown"):
+        write_image(Index(builder.build()), str(tmp_path / "image.erofs"), {})
+    reference = _store_raw_index(LocalStore(str(tmp_path / "store")), builder.build())
+    rootfs = roots(reference)
+    assert _lower_layers(rootfs) == [str(tmp_path / "root" / "image")]
+    assert (rootfs / "odd").read_bytes() == b""
