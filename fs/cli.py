@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
                                  help="a writable container root (overlayfs over the image) in DIR/rootfs")
     rootfs.add_argument("reference")
     rootfs.add_argument("directory")
+    rootfs.add_argument("--no-hot-layer", action="store_true",
+                        help="do not stack (or build) the local hot layer of the image's start-up profile")
 
     remove = commands.add_parser("rm-rootfs", help="take down a container root made by `rootfs`")
     remove.add_argument("directory")
@@ -161,7 +163,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _rootfs(args: argparse.Namespace) -> int:
     from .rootfs import create_root
 
-    print(create_root(args.reference, args.directory, **_mount_options(args)))
+    print(create_root(args.reference, args.directory, hot=not args.no_hot_layer, **_mount_options(args)))
     return 0
 
 

@@ -43,6 +43,8 @@ _FILE_TYPES = {stat.S_IFREG: 1, stat.S_IFDIR: 2, stat.S_IFCHR: 3, stat.S_IFBLK: 
 _XATTR_PREFIXES = ((b"user.", 1), (b"trusted.", 4), (b"security.", 6))
 _XATTR_WHOLE = {b"system.posix_acl_access": 2, b"system.posix_acl_default": 3}
 _OVERLAY_PREFIX = b"trusted.overlay."
+# The index header's entry naming the stored image's digest (`push` writes it).
+INDEX_METADATA_KEY = "erofs"
 METACOPY = b"trusted.overlay.metacopy"
 REDIRECT = b"trusted.overlay.redirect"
 
@@ -55,25 +57,35 @@ def _align(value: int, unit: int) -> int:
     return (value + unit - 1) // unit * unit
 
 
-def _encode_xattrs(xattrs: dict[bytes, bytes]) -> bytes:
-    if not xattrs:
-        return b""
-    body = bytearray(_XATTR_HEADER.pack(0, 0))
-    for name, value in xattrs.items():
-        if name in _XATTR_WHOLE:
-            index, suffix = _XATTR_WHOLE[name], b""
+def _xattr_entry(name: bytes, value: bytes) -> bytes:
+    if name in _XATTR_WHOLE:
+        index, suffix = _XATTR_WHOLE[name], b""
+    else:
+        for prefix, index in _XATTR_PREFIXES:
+            if name.startswith(prefix) and len(name) > len(prefix):
+                suffix = name[len(prefix):]
+                break
         else:
-            for prefix, index in _XATTR_PREFIXES:
-                if name.startswith(prefix) and len(name) > len(prefix):
-                    suffix = name[len(prefix):]
-                    break
-            else:
-                raise UnsupportedTree(f"xattr {name!r} has no EROFS name prefix")
-        if len(suffix) > 255 or len(value) > 0xFFFF:
-            raise UnsupportedTree(f"xattr {name!r} is too long for EROFS")
-        entry = _XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
-        body += entry + bytes(_align(len(entry), 4) - len(entry))
-    return bytes(body)
+            raise UnsupportedTree(f"xattr {name!r} has no EROFS name prefix")
+    if len(suffix) > 255 or len(value) > 0xFFFF:
+        raise UnsupportedTree(f"xattr {name!r} is too long for EROFS")
+    entry = _XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
+    return entry + bytes(-len(entry) % 4)
+
+
+_METACOPY_ENTRY = _xattr_entry(METACOPY, b"")
+
+
+def _encode_xattrs(xattrs: dict[bytes, bytes], redirect: bytes | None) -> bytes:
+    """The inline xattr area: header, then entries; `redirect` adds the metacopy and redirect entries."""
+    if not xattrs and redirect is None:
+        return b""
+    body = [_XATTR_HEADER.pack(0, 0)]
+    body.extend(_xattr_entry(name, value) for name, value in xattrs.items())
+    if redirect is not None:
+        body.append(_METACOPY_ENTRY)
+        body.append(_xattr_entry(REDIRECT, redirect))
+    return b"".join(body)
 
 
 def _dir_blocks(names: list[bytes]) -> list[list[bytes]]:
@@ -103,10 +115,10 @@ def _new_encode_dev(rdev: int) -> int:
 class _Node:
     __slots__ = ("ino", "mode", "xattrs", "layout", "data", "names", "tail", "full_blocks", "offset", "blkaddr")
 
-    def __init__(self, ino: int, mode: int, xattrs: bytes) -> None:
+    def __init__(self, ino: int, mode: int) -> None:
         self.ino = ino
         self.mode = mode
-        self.xattrs = xattrs
+        self.xattrs = b""
         self.layout = _FLAT_PLAIN
         self.data = b""  # a symlink's target
         self.names: list[list[bytes]] = []  # a directory's blocks of names
@@ -137,6 +149,28 @@ def write_image(index: Index, path: str, redirects: dict[int, bytes]) -> int:
     `redirects` is `redirect_paths(index)`. Raises UnsupportedTree when an entry cannot be expressed (the caller
     then serves the tree from FUSE alone).
     """
+    image = image_bytes(index, redirects)
+    save_image(image, path)
+    return len(image)
+
+
+def save_image(image: bytes | bytearray, path: str) -> None:
+    """Write an image file under its final name only once it is whole."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "wb") as file:
+            file.write(image)
+        os.rename(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def image_bytes(index: Index, redirects: dict[int, bytes]) -> bytearray:
+    """The EROFS metadata image of `index` (see `write_image`)."""
     parents: dict[int, int] = {1: 1}
     nodes: list[_Node] = []
     cursor = BLOCK
@@ -147,11 +181,12 @@ def write_image(index: Index, path: str, redirects: dict[int, bytes]) -> int:
             # The image's own overlay xattrs, escaped, so overlayfs shows them and does not act on them.
             xattrs = {(_OVERLAY_PREFIX + b"overlay." + name[len(_OVERLAY_PREFIX):]
                        if name.startswith(_OVERLAY_PREFIX) else name): value for name, value in xattrs.items()}
-        node = _Node(ino, mode, b"")
+        node = _Node(ino, mode)
+        redirect = None
         if stat.S_ISREG(mode) and index.file_size(ino):
             node.layout = _CHUNK_BASED
-            if index.chunks(ino):
-                xattrs = {**xattrs, METACOPY: b"", REDIRECT: redirects[ino]}
+            if index.has_data(ino):
+                redirect = redirects[ino]
         elif stat.S_ISDIR(mode):
             names = [b".", b".."]
             for _, name, child in index.children(ino):
@@ -161,7 +196,7 @@ def write_image(index: Index, path: str, redirects: dict[int, bytes]) -> int:
             node.names = _dir_blocks(sorted(names))
         elif stat.S_ISLNK(mode):
             node.data = index.symlink_target(ino)
-        node.xattrs = _encode_xattrs(xattrs)
+        node.xattrs = _encode_xattrs(xattrs, redirect)
         size = node.data_size()
         if size:
             node.tail = size % BLOCK
@@ -191,18 +226,7 @@ def write_image(index: Index, path: str, redirects: dict[int, bytes]) -> int:
     image[_SUPERBLOCK_OFFSET: _SUPERBLOCK_OFFSET + _SUPERBLOCK.size] = _SUPERBLOCK.pack(
         MAGIC, 0, 0, BLOCK_BITS, 0, nid[1], index.entries, 0, 0, blkaddr, 0, 0, bytes(16), b"coldbrew".ljust(16, b"\0"),
         _FEATURE_INCOMPAT_CHUNKED_FILE, 0, 0, 0, 0, 0, 0, 0, 0)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(temporary, "wb") as file:
-            file.write(image)
-        os.rename(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
-    return len(image)
+    return image
 
 
 def _write_node(image: bytearray, index: Index, node: _Node, nid: dict[int, int], parents: dict[int, int]) -> None:

@@ -225,6 +225,7 @@ class Index:
         if header_len > MAX_HEADER or len(MAGIC) + 4 + header_len > self.size:
             raise BadIndex("header", f"length {header_len} is out of bounds")
         body_start = len(MAGIC) + 4 + header_len
+        self._body_start = body_start
         try:
             header = json.loads(bytes(self._view[len(MAGIC) + 4: body_start]))
         except (ValueError, UnicodeDecodeError) as error:
@@ -324,6 +325,16 @@ class Index:
 
     def child_count(self, ino: int) -> int:
         return self._ref_count[ino - 1]
+
+    def body_digest(self) -> bytes:
+        """blake3 of everything after the header: the tree itself, whatever metadata the header carries."""
+        from .objects import digest_of
+
+        return digest_of(self._view[self._body_start:])
+
+    def has_data(self, ino: int) -> bool:
+        """Whether a regular file has any chunk (a file of holes alone has none)."""
+        return self._ref_count[ino - 1] > 0
 
     def chunks(self, ino: int) -> list[Chunk]:
         i = ino - 1

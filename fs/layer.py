@@ -23,7 +23,7 @@ from typing import Callable
 from . import objects
 from .errors import FsError
 from .index import Chunk, Index, IndexBuilder
-from .pushing import DEFAULT_CHUNK_SIZE, PushResult, Uploader, checked_tree, read_xattrs, store_files
+from .pushing import DEFAULT_CHUNK_SIZE, PushResult, Uploader, checked_tree, read_xattrs, store_files, store_index
 from .store import ChunkStore
 
 _OVERLAY_XATTR = b"trusted.overlay."
@@ -169,11 +169,7 @@ def push_layer(parent: Index, upper: str, store: ChunkStore, *, metadata: dict |
         file_chunks.append(chunks)
 
     all_chunks = [chunk for chunks in file_chunks for chunk in chunks]
-    index = builder.build()
-    digest, stored = objects.encode(index, level)
-    if not store.has(digest):
-        store.put(digest, stored)
-        uploader.uploaded_bytes += len(stored)
+    digest = store_index(builder, store, level, uploader)
     return PushResult(reference=digest.hex(), entries=builder.entry_count,
                       file_bytes=sum(chunk.length for chunk in all_chunks), chunks=len(all_chunks),
                       unique_chunks=len({chunk.digest for chunk in all_chunks}),

@@ -19,9 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
-from . import objects
+from . import erofs, objects
 from .errors import FsError
-from .index import Chunk, IndexBuilder, MAX_CHUNK_SIZE
+from .index import Chunk, Index, IndexBuilder, MAX_CHUNK_SIZE
 from .store import ChunkStore
 
 DEFAULT_CHUNK_SIZE = 1 << 20
@@ -224,11 +224,35 @@ def push(tree: str, store: ChunkStore, *, chunk_size: int = DEFAULT_CHUNK_SIZE, 
         chunk_refs += len(chunks)
         file_bytes += sum(chunk.length for chunk in chunks)
 
-    index = builder.build()
-    digest, stored = objects.encode(index, level)
-    if not store.has(digest):
-        store.put(digest, stored)
-        uploader.uploaded_bytes += len(stored)
+    digest = store_index(builder, store, level, uploader)
     return PushResult(reference=digest.hex(), entries=builder.entry_count, file_bytes=file_bytes,
                       chunks=chunk_refs, unique_chunks=uploader.unique_chunks,
                       uploaded_chunks=uploader.uploaded_chunks, uploaded_bytes=uploader.uploaded_bytes)
+
+
+def store_index(builder: IndexBuilder, store: ChunkStore, level: int, uploader: Uploader) -> bytes:
+    """Store the index `builder` holds, with the tree's EROFS metadata image beside it; the index's digest.
+
+    A host's first container root fetches the image (verified against the digest the header names) instead of
+    writing it. The image shows the tree, not the header: the header names the tree it shows by its digest, as an
+    index made from this one (an image layer) may carry the header over unchanged.
+    """
+    index = builder.build()
+    try:
+        image = erofs.image_bytes(Index(index), erofs.redirect_paths(Index(index)))
+    except erofs.UnsupportedTree:
+        pass  # served from FUSE alone
+    else:
+        builder.metadata[erofs.INDEX_METADATA_KEY] = {"image": _store_object(store, image, level, uploader).hex(),
+                                                      "tree": Index(index).body_digest().hex()}
+        index = builder.build()
+    return _store_object(store, index, level, uploader)
+
+
+def _store_object(store: ChunkStore, data: bytes | bytearray, level: int, uploader: Uploader) -> bytes:
+    """Store a whole object (an index, a metadata image) unless the store has it; its digest."""
+    digest, stored = objects.encode(data, level)
+    if not store.has(digest):
+        store.put(digest, stored)
+        uploader.uploaded_bytes += len(stored)
+    return digest

@@ -15,13 +15,19 @@ not there, so a half-made root (a crash in between) is removed as well.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
+from typing import TYPE_CHECKING
 
 from .cache import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
 from .errors import FsError
 from .mounts import mount_erofs, mount_overlay, mounted, umount
+
+if TYPE_CHECKING:
+    from .index import Index
+    from .store import ChunkStore
 
 log = logging.getLogger("coldbrew.fs")
 
@@ -50,8 +56,12 @@ def create_root(reference: str, directory: str, *, store: str, hot: bool = True,
             int(mount_options.get("cache_size", DEFAULT_CACHE_SIZE)),  # type: ignore[call-overload]
             hot=hot and not mount_options.get("record_profile"))
         mount(reference, image, store=store, **mount_options)
-        error = 1
-        if metadata is not None and mount_erofs(metadata, meta) == 0:
+        error = mount_erofs(metadata, meta) if metadata is not None else errno.ENOENT
+        if error not in (0, errno.ENOTBLK, errno.ENODEV, errno.ENOENT):
+            # A damaged image file (a crash before it reached the disk): made again next time.
+            log.warning("EROFS image %s does not mount (%s); removed", metadata, os.strerror(error))
+            os.unlink(metadata)
+        if error == 0:
             lower = "::".join(path for path in (meta, hot_layer, image) if path)
             error = mount_overlay(merged, lower, upper, work)
             if error:
@@ -88,13 +98,14 @@ def _local_layers(reference: str, store_location: str, cache_dir: str, cache_siz
                 redirects = None
                 metadata = os.path.join(cache.directory, METADATA_DIRECTORY, reference)
                 if not os.path.exists(metadata):
-                    redirects = erofs.redirect_paths(index)
                     os.makedirs(os.path.dirname(metadata), exist_ok=True)
-                    try:
-                        erofs.write_image(index, metadata, redirects)
-                    except erofs.UnsupportedTree as error:
-                        log.warning("image %s is served from FUSE alone: %s", reference, error)
-                        return None, None
+                    if not _fetch_metadata_image(index, store, metadata):
+                        redirects = erofs.redirect_paths(index)
+                        try:
+                            erofs.write_image(index, metadata, redirects)
+                        except erofs.UnsupportedTree as error:
+                            log.warning("image %s is served from FUSE alone: %s", reference, error)
+                            return None, None
                 profile = store.get_named(profile_name(reference)) if hot else None
                 if not profile:
                     return metadata, None
@@ -108,6 +119,24 @@ def _local_layers(reference: str, store_location: str, cache_dir: str, cache_siz
         close = getattr(store, "close", None)
         if close is not None:
             close()
+
+
+def _fetch_metadata_image(index: Index, store: ChunkStore, path: str) -> bool:
+    """Save the EROFS image that the index names (pushed beside it) at `path`; False if there is none to use."""
+    from . import erofs, objects
+    from .cache import MAX_INDEX_SIZE
+
+    named = index.metadata.get(erofs.INDEX_METADATA_KEY)
+    if not isinstance(named, dict) or named.get("tree") != index.body_digest().hex():
+        return False
+    name = str(named.get("image"))
+    try:
+        digest = objects.parse_reference(name)
+        erofs.save_image(objects.decode(digest, store.get(digest), MAX_INDEX_SIZE), path)
+    except FsError as error:  # missing or corrupt: written here instead
+        log.warning("the stored EROFS image %s is not used: %s", name, error)
+        return False
+    return True
 
 
 def remove_root(directory: str) -> None:

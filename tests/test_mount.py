@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from coldbrew.fs import objects
 from coldbrew.fs.daemon import STATE_DIR, _detach, _paths, mount, mount_stats, save_profile, unmount
-from coldbrew.fs.erofs import UnsupportedTree, write_image
+from coldbrew.fs.erofs import INDEX_METADATA_KEY, UnsupportedTree, image_bytes, redirect_paths, write_image
 from coldbrew.fs.mounts import mount_entry, mount_table, mounts_below
 from coldbrew.fs.errors import BadReference, FsError
 from coldbrew.fs.index import Index, IndexBuilder
@@ -768,3 +768,37 @@ def test_tree_erofs_cannot_express_is_served_from_fuse(roots, tmp_path: Path) ->
     rootfs = roots(reference)
     assert _lower_layers(rootfs) == [str(tmp_path / "root" / "image")]
     assert (rootfs / "odd").read_bytes() == b""
+
+
+def test_damaged_erofs_image_is_made_again(roots, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    make_rich_tree(tree)
+    reference = push(str(tree), LocalStore(str(tmp_path / "store")), chunk_size=SMALL_CHUNK).reference
+    image = tmp_path / "cache" / "erofs" / reference
+    image.parent.mkdir(parents=True)
+    image.write_bytes(b"\0" * 8192)  # what a crash before writeback can leave
+    rootfs = roots(reference, "first")
+    assert _lower_layers(rootfs) == [str(tmp_path / "first" / "image")]  # served from FUSE, still whole
+    assert _without_root(describe(rootfs)) == _without_root(describe(tree))
+    assert not image.exists()
+    rootfs = roots(reference, "second")
+    assert _lower_layers(rootfs)[0] == str(tmp_path / "second" / "meta")
+    assert image.stat().st_size > 8192
+
+
+def test_erofs_image_is_pushed_beside_the_index(roots, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    make_rich_tree(tree)
+    store = LocalStore(str(tmp_path / "store"))
+    reference = push(str(tree), store, chunk_size=SMALL_CHUNK).reference
+    index = Index(objects.decode(bytes.fromhex(reference), store.get(bytes.fromhex(reference)), 1 << 24))
+    stored = bytes.fromhex(index.metadata[INDEX_METADATA_KEY]["image"])
+    expected = objects.decode(stored, store.get(stored), 1 << 24)
+    assert expected == image_bytes(index, redirect_paths(index))  # what a host would write itself
+    roots(reference, "fetched")
+    assert (tmp_path / "cache" / "erofs" / reference).read_bytes() == expected
+    # Without the stored image (or with a damaged one) a host writes its own.
+    (tmp_path / "store" / object_path(stored)).write_bytes(b"damaged")
+    rootfs = roots(reference, "written", cache=tmp_path / "other-cache")
+    assert (tmp_path / "other-cache" / "erofs" / reference).read_bytes() == expected
+    assert _without_root(describe(rootfs)) == _without_root(describe(tree))
