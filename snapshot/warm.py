@@ -142,20 +142,33 @@ def image_identity(root_path: str) -> str:
     mount = _mount_of(root, table)
     if mount.point == root:
         candidate = None
+        layers: list[str] = []
         if mount.fstype == "fuse.coldbrew":
             candidate = root
         elif mount.fstype == "overlay":
             lowers = [o.partition("=")[2] for o in mount.options.split(",") if o.startswith("lowerdir=")]
-            if len(lowers) == 1 and ":" not in lowers[0]:
-                lower = unescape(lowers[0])
-                below = _mount_of(lower, table)
-                if below.point == lower and below.fstype == "fuse.coldbrew":
-                    candidate = lower
+            # `coldbrew fs rootfs`: the image alone, or META::[HOT::]IMAGE (see coldbrew.fs.rootfs)
+            if len(lowers) == 1:
+                layers = [unescape(layer) for layer in lowers[0].split("::")]
+            if 1 <= len(layers) <= 3 and not any(":" in layer for layer in layers):
+                below = _mount_of(layers[-1], table)
+                if below.point == layers[-1] and below.fstype == "fuse.coldbrew":
+                    candidate = layers[-1]
         reference = _coldbrew_reference(candidate) if candidate else None
-        if reference:
+        if reference and _derived_layers(layers[:-1], reference, table):
             return f"coldbrew.fs:{reference}"
     return (f"path:{root} on {mount.fstype} {mount.source} ({mount.device}), "
             f"inode {os.stat(root).st_ino}")
+
+
+def _derived_layers(layers: list[str], reference: str, table: list[MountInfo]) -> bool:
+    """Whether the layers above a root's image are the ones made from that image (its EROFS image, hot layer)."""
+    if not layers:
+        return True
+    meta = _mount_of(layers[0], table)
+    if meta.point != layers[0] or meta.fstype != "erofs" or os.path.basename(meta.source) != reference:
+        return False
+    return all(os.path.basename(hot).startswith(f"{reference}-") for hot in layers[1:])
 
 
 def cpu_flags() -> list[str]:
