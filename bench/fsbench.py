@@ -210,19 +210,19 @@ def run_fsbench(runs: int = 3, commands: list[str] | None = None, progress=None)
             from coldbrew.fs.rootfs import create_root, remove_root
 
             directory = tempfile.mkdtemp(dir=workdir, prefix="walk-")
-            image = create_root(setting.reference, directory, store=setting.store_url, cache_dir=warm_cache,
-                                prefetch=False, hot=False)
+            root = create_root(setting.reference, directory, store=setting.store_url, cache_dir=warm_cache,
+                               prefetch=False, hot=False)
             try:
                 relative = os.path.relpath(largest, tree)
-                subprocess.run(["cat", os.path.join(image, relative)], check=True, stdout=subprocess.DEVNULL)
+                subprocess.run(["cat", os.path.join(root, relative)], check=True, stdout=subprocess.DEVNULL)
                 size_mb = os.path.getsize(largest) / 1e6
                 for run in range(runs):
-                    for peer, label, base in (("coldbrew", "container root, warm chunk cache", image), ("peer", "local disk", tree)):
+                    for peer, label, base in (("coldbrew", "container root, warm chunk cache", root), ("peer", "local disk", tree)):
                         drop_caches()
                         seconds = _timed(["dd", f"if={os.path.join(base, relative)}", "of=/dev/null", "bs=1M"],
                                          stderr=subprocess.DEVNULL)
                         row(f"sequential read {size_mb:.0f} MB", peer, label).samples.append(seconds * 1e3)
-                    for peer, label, base in (("coldbrew", "container root on the mount", image), ("peer", "local disk", tree)):
+                    for peer, label, base in (("coldbrew", "container root on the mount", root), ("peer", "local disk", tree)):
                         drop_caches()
                         walk = ["find", base, "-printf", "%s %m %U\n"]
                         row("metadata walk, first", peer, label).samples.append(_timed(walk) * 1e3)

@@ -37,7 +37,7 @@ import lmdb
 
 from . import objects
 from .errors import BadReference, ChunkMissing, CorruptChunk, FsError
-from .index import Index
+from .index import MAX_INDEX_SIZE, Index
 from .objects import DIGEST_SIZE, digest_of
 
 if TYPE_CHECKING:
@@ -627,9 +627,6 @@ def _counter(txn: lmdb.Transaction, db: object, key: bytes) -> int:
 
 def _add_counter(txn: lmdb.Transaction, db: object, key: bytes, delta: int) -> None:
     txn.put(key, _COUNTER.pack(max(0, _counter(txn, db, key) + delta)), db=db)
-
-
-MAX_INDEX_SIZE = 1 << 30
 
 
 def load_index(reference: str, store: ChunkStore, cache: ChunkCache) -> tuple[Index, mmap.mmap]:

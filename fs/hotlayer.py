@@ -51,13 +51,13 @@ def hot_layer(index: Index, reference: str, profile_data: bytes, store: ChunkSto
         return None
     os.makedirs(root, exist_ok=True)
     _remove_abandoned(root)
-    chunks = {chunk.digest: chunk.length for ino in whole for chunk in index.chunks(ino)}
-    _cache_chunks(chunks, store, cache)
+    _cache_chunks({chunk.digest: chunk.length for chunks in whole.values() for chunk in chunks}, store, cache)
     building = os.path.join(root, f"{_TEMPORARY}{os.getpid()}-{os.path.basename(final)}")
     shutil.rmtree(building, ignore_errors=True)
     try:
-        for ino in whole:
-            _write_file(os.path.join(building, os.fsdecode(redirects[ino].lstrip(b"/"))), index, ino, cache)
+        for ino, chunks in whole.items():
+            _write_file(os.path.join(building, os.fsdecode(redirects[ino].lstrip(b"/"))), chunks,
+                        index.file_size(ino), cache)
         _syncfs(building)
         try:
             os.rename(building, final)
@@ -70,12 +70,13 @@ def hot_layer(index: Index, reference: str, profile_data: bytes, store: ChunkSto
     return final
 
 
-def _files_read_whole(profile: list[tuple[int, Chunk]], index: Index) -> list[int]:
-    """The inodes (in first-read order) of which the profile reads every chunk."""
+def _files_read_whole(profile: list[tuple[int, Chunk]], index: Index) -> dict[int, list[Chunk]]:
+    """inode -> chunks of the files (in first-read order) of which the profile reads every chunk."""
     read: dict[int, set[int]] = {}
     for ino, chunk in profile:
         read.setdefault(ino, set()).add(chunk.offset)
-    return [ino for ino, offsets in read.items() if len(offsets) == len(index.chunks(ino))]
+    files = {ino: index.chunks(ino) for ino in read}
+    return {ino: chunks for ino, chunks in files.items() if len(read[ino]) == len(chunks)}
 
 
 def _cache_chunks(chunks: dict[bytes, int], store: ChunkStore, cache: ChunkCache) -> None:
@@ -100,18 +101,18 @@ def _cache_chunks(chunks: dict[bytes, int], store: ChunkStore, cache: ChunkCache
             future.result()
 
 
-def _write_file(path: str, index: Index, ino: int, cache: ChunkCache) -> None:
+def _write_file(path: str, chunks: list[Chunk], size: int, cache: ChunkCache) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
     try:
-        for chunk in index.chunks(ino):
+        for chunk in chunks:
             data = cache.get(chunk.digest)
             if data is None or len(data) != chunk.length:
                 raise CorruptChunk(chunk.digest, "left the cache while the hot layer was built")
             view = memoryview(data)
             while view:
                 view = view[os.pwrite(fd, view, chunk.offset + len(data) - len(view)):]
-        os.ftruncate(fd, index.file_size(ino))  # holes stay holes
+        os.ftruncate(fd, size)  # holes stay holes
     finally:
         os.close(fd)
 

@@ -28,6 +28,8 @@ MAGIC = b"CBIDX\x00\x01\x00"
 VERSION = 1
 # Largest chunk a reader accepts: bounds the memory one read can make the filesystem allocate.
 MAX_CHUNK_SIZE = 64 << 20
+# Largest index (uncompressed) a host accepts from a store.
+MAX_INDEX_SIZE = 1 << 30
 MAX_NAME = 255
 MAX_SYMLINK = 4095
 MAX_ENTRIES = 1 << 28

@@ -22,7 +22,7 @@ from typing import Callable
 
 from . import objects
 from .errors import FsError
-from .index import Chunk, Index, IndexBuilder
+from .index import MAX_INDEX_SIZE, Chunk, Index, IndexBuilder
 from .pushing import DEFAULT_CHUNK_SIZE, PushResult, Uploader, checked_tree, read_xattrs, store_files, store_index
 from .store import ChunkStore
 
@@ -30,7 +30,6 @@ _OVERLAY_XATTR = b"trusted.overlay."
 _OPAQUE = "trusted.overlay.opaque"
 _WHITEOUT = "trusted.overlay.whiteout"
 _UNSUPPORTED = (b"trusted.overlay.redirect", b"trusted.overlay.metacopy")
-MAX_INDEX_SIZE = 1 << 30
 
 
 class LayerError(FsError):

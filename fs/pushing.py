@@ -238,13 +238,14 @@ def store_index(builder: IndexBuilder, store: ChunkStore, level: int, uploader: 
     index made from this one (an image layer) may carry the header over unchanged.
     """
     index = builder.build()
+    tree = Index(index)
     try:
-        image = erofs.image_bytes(Index(index), erofs.redirect_paths(Index(index)))
+        image = erofs.image_bytes(tree, erofs.redirect_paths(tree))
     except erofs.UnsupportedTree:
         pass  # served from FUSE alone
     else:
         builder.metadata[erofs.INDEX_METADATA_KEY] = {"image": _store_object(store, image, level, uploader).hex(),
-                                                      "tree": Index(index).body_digest().hex()}
+                                                      "tree": tree.body_digest().hex()}
         index = builder.build()
     return _store_object(store, index, level, uploader)
 

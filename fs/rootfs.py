@@ -35,12 +35,14 @@ _PARTS = ("image", "meta", "upper", "work", "rootfs")
 METADATA_DIRECTORY = "erofs"
 
 
-def create_root(reference: str, directory: str, *, store: str, hot: bool = True, **mount_options: object) -> str:
+def create_root(reference: str, directory: str, *, store: str, cache_dir: str = DEFAULT_CACHE_DIR,
+                cache_size: int = DEFAULT_CACHE_SIZE, record_profile: bool = False, hot: bool = True,
+                **mount_options: object) -> str:
     """Mount `reference` with a writable layer under `directory`; returns the root's path (`directory/rootfs`).
 
     `hot`: stack the hot layer of the image's start-up profile, building it first (its chunks fetched) if this
-    host has none. `mount_options` go to `coldbrew.fs.daemon.mount` (cache_dir, cache_size, record_profile,
-    prefetch); a recording mount gets no hot layer (the reads it records must reach FUSE).
+    host has none; a recording root (`record_profile`) gets none, the reads it records must reach FUSE. The cache
+    options and `mount_options` (prefetch) go to `coldbrew.fs.daemon.mount`.
     """
     from .daemon import mount
 
@@ -51,11 +53,9 @@ def create_root(reference: str, directory: str, *, store: str, hot: bool = True,
     for path in (image, meta, upper, work, merged):
         os.makedirs(path, exist_ok=True)
     try:
-        metadata, hot_layer = _local_layers(
-            reference, store, str(mount_options.get("cache_dir", DEFAULT_CACHE_DIR)),
-            int(mount_options.get("cache_size", DEFAULT_CACHE_SIZE)),  # type: ignore[call-overload]
-            hot=hot and not mount_options.get("record_profile"))
-        mount(reference, image, store=store, **mount_options)
+        metadata, hot_layer = _local_layers(reference, store, cache_dir, cache_size, hot=hot and not record_profile)
+        mount(reference, image, store=store, cache_dir=cache_dir, cache_size=cache_size,
+              record_profile=record_profile, **mount_options)
         error = mount_erofs(metadata, meta) if metadata is not None else errno.ENOENT
         if error not in (0, errno.ENOTBLK, errno.ENODEV, errno.ENOENT):
             # A damaged image file (a crash before it reached the disk): made again next time.
@@ -124,7 +124,7 @@ def _local_layers(reference: str, store_location: str, cache_dir: str, cache_siz
 def _fetch_metadata_image(index: Index, store: ChunkStore, path: str) -> bool:
     """Save the EROFS image that the index names (pushed beside it) at `path`; False if there is none to use."""
     from . import erofs, objects
-    from .cache import MAX_INDEX_SIZE
+    from .index import MAX_INDEX_SIZE
 
     named = index.metadata.get(erofs.INDEX_METADATA_KEY)
     if not isinstance(named, dict) or named.get("tree") != index.body_digest().hex():

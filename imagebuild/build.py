@@ -311,7 +311,7 @@ def load_index(store: Any, reference: str) -> "Index":
     from coldbrew.fs import objects
     from coldbrew.fs.errors import BadReference, ChunkMissing
     from coldbrew.fs.index import Index
-    from coldbrew.fs.layer import MAX_INDEX_SIZE
+    from coldbrew.fs.index import MAX_INDEX_SIZE
 
     digest = objects.parse_reference(reference)
     try:
