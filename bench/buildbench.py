@@ -173,4 +173,5 @@ def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     top = argparse.ArgumentParser(prog="python -m coldbrew.bench.buildbench")
-    sys.exit(run(add_parser(top.add_subparsers(dest="bench", required=True)).parse_args(sys.argv[1:])))
+    add_parser(top.add_subparsers(dest="bench", required=True))
+    sys.exit(main(top.parse_args(["build", *sys.argv[1:]])))

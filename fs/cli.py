@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     rootfs.add_argument("directory")
     rootfs.add_argument("--no-hot-layer", action="store_true",
                         help="do not stack (or build) the local hot layer of the image's start-up profile")
+    rootfs.add_argument("--keep-mounted", type=float, metavar="SECONDS",
+                        help="stack the root on the host's shared layers of the image, kept mounted SECONDS after "
+                             "their last root goes (the next root of the image mounts in a millisecond)")
 
     remove = commands.add_parser("rm-rootfs", help="take down a container root made by `rootfs`")
     remove.add_argument("directory")
@@ -163,7 +166,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _rootfs(args: argparse.Namespace) -> int:
     from .rootfs import create_root
 
-    print(create_root(args.reference, args.directory, hot=not args.no_hot_layer, **_mount_options(args)))
+    print(create_root(args.reference, args.directory, hot=not args.no_hot_layer, keep_mounted=args.keep_mounted,
+                      **_mount_options(args)))
     return 0
 
 

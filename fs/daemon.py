@@ -28,7 +28,7 @@ import time
 
 from .cache import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
 from .errors import FsError
-from .mounts import canonical, mount_entry, umount
+from .mounts import canonical, link_target, mount_entry, umount
 
 STATE_DIR = "/run/coldbrew/fs"
 # A host's mount server (`coldbrew fs serve`): when it listens here, mounts are forked from it.
@@ -60,13 +60,19 @@ def _read_state(path: str) -> dict | None:
 
 
 def _start_time(pid: int | str) -> int:
-    """A process's start time in clock ticks since boot: with the pid, it names one process (pids are reused)."""
+    """A process's start time in clock ticks since boot: with the pid, it names one process (pids are reused).
+
+    Raises ProcessLookupError for a zombie: it serves nothing any more.
+    """
     with open(f"/proc/{pid}/stat", "rb") as file:
-        return int(file.read().rpartition(b")")[2].split()[19])
+        fields = file.read().rpartition(b")")[2].split()
+    if fields[0] == b"Z":
+        raise ProcessLookupError(pid)
+    return int(fields[19])
 
 
 def _daemon_alive(state: dict) -> bool:
-    """Whether the state's pid is still our daemon (not a recycled pid)."""
+    """Whether the state's pid is still our daemon (not a recycled pid, not a zombie)."""
     try:
         return _start_time(state["pid"]) == state["start_time"]
     except (FileNotFoundError, ProcessLookupError, KeyError, ValueError):
@@ -75,11 +81,13 @@ def _daemon_alive(state: dict) -> bool:
 
 def mount(reference: str, mountpoint: str, *, store: str, cache_dir: str = DEFAULT_CACHE_DIR,
           cache_size: int = DEFAULT_CACHE_SIZE, record_profile: bool = False, prefetch: bool = True,
-          foreground: bool = False, read_ahead_kb: int = READ_AHEAD_KB) -> None:
+          foreground: bool = False, read_ahead_kb: int = READ_AHEAD_KB, keep_mounted: float | None = None) -> None:
     """Mount image `reference` from `store` read-only at `mountpoint`.
 
     Returns once the mount serves requests (a daemon keeps serving it in the background), or, with `foreground`,
     serves it in this process until it is unmounted. Raises FsError with the reason when it cannot mount.
+    `keep_mounted`: the mount is the image layer of a shared stack (`coldbrew.fs.imagestack`, the mount point's
+    parent directory), which the daemon takes down once no root has stacked on it for that many seconds.
     """
     from .objects import parse_reference
 
@@ -101,6 +109,8 @@ def mount(reference: str, mountpoint: str, *, store: str, cache_dir: str = DEFAU
         arguments.append("--record-profile")
     if not prefetch:
         arguments.append("--no-prefetch")
+    if keep_mounted is not None:
+        arguments += ["--keep-mounted", str(keep_mounted)]
     if foreground:
         code = main(arguments)
         if code:
@@ -172,7 +182,8 @@ def _read_until_eof(fd: int, timeout: float) -> bytes:
 
 
 def _request(mountpoint: str, command: str, timeout: float = 10.0) -> dict:
-    mountpoint = canonical(mountpoint)
+    # A container root's `image` may be a link to its image's shared stack (coldbrew.fs.imagestack).
+    mountpoint = canonical(link_target(mountpoint) or mountpoint)
     state_path, socket_path, _ = _paths(mountpoint)
     state = _read_state(state_path)
     if state is None or not _daemon_alive(state):
@@ -188,6 +199,12 @@ def _request(mountpoint: str, command: str, timeout: float = 10.0) -> dict:
         except OSError as error:
             raise FsError(f"the filesystem daemon of {mountpoint} did not answer: {error}") from None
     return json.loads(data)
+
+
+def serving(mountpoint: str) -> bool:
+    """Whether a live daemon serves the mount at `mountpoint`."""
+    state = _read_state(_paths(canonical(mountpoint))[0])
+    return state is not None and _daemon_alive(state)
 
 
 def mount_stats(mountpoint: str) -> dict:
@@ -275,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--read-ahead-kb", type=int, default=READ_AHEAD_KB)
     parser.add_argument("--record-profile", action="store_true")
     parser.add_argument("--no-prefetch", action="store_true")
+    parser.add_argument("--keep-mounted", type=float)
     parser.add_argument("--ready-fd", type=int)
     parser.add_argument("--detach", action="store_true")
     args = parser.parse_args(argv)
@@ -407,6 +425,7 @@ class _Server:
         self.fs = ImageFs(self.index, self.fetcher, recorder=self.recorder)
         self.prefetcher = None
         self.saved_profile_chunks = 0
+        self.stack_lock: int | None = None  # held while this daemon takes its stack down
         os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -443,6 +462,8 @@ class _Server:
             except FsError:
                 code = 1  # logged; the mount still goes away
             pyfuse3.close(unmount=True)
+            if self.args.keep_mounted is not None:
+                self._remove_stack()
             self.listener.close()
             self.index.release()
             self._mapped.close()
@@ -470,6 +491,8 @@ class _Server:
             nursery.start_soon(self._control)
             if not self.args.no_prefetch:
                 nursery.start_soon(self._prefetch)
+            if self.args.keep_mounted is not None:
+                nursery.start_soon(self._release_stack_when_unused)
             log.info("mounted %s at %s (index %d entries, %.3f s)", self.reference, self.mountpoint,
                      self.index.entries, self.mount_seconds)
             self.report.send("ready")
@@ -500,6 +523,31 @@ class _Server:
                 log.info("stopping: unmounting %s", self.mountpoint)
                 pyfuse3.terminate()
                 return
+
+    async def _release_stack_when_unused(self) -> None:
+        import pyfuse3
+
+        from .imagestack import release_when_unused
+
+        self.stack_lock = await release_when_unused(os.path.dirname(self.mountpoint), self.args.keep_mounted,
+                                                    pyfuse3.terminate)
+
+    def _remove_stack(self) -> None:
+        """After this daemon's mount is gone, the rest of its stack, unless a root maker holds the lock (it will)."""
+        from .imagestack import remove, take_down, try_lock
+
+        stack = os.path.dirname(self.mountpoint)
+        lock = self.stack_lock if self.stack_lock is not None else try_lock(stack)
+        if lock is None:
+            return
+        try:
+            take_down(stack, stop_daemon=False)
+            remove(stack)
+            os.unlink(self.log_path)  # nobody is left to unmount this mount (and remove its log)
+        except (FsError, OSError) as error:
+            log.error("cannot remove the stack %s: %s", stack, error)
+        finally:
+            os.close(lock)
 
     async def _control(self) -> None:
         import trio

@@ -23,6 +23,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from . import objects
 from .cache import ChunkCache
+from .erofs import redirect_paths
 from .errors import CorruptChunk
 from .index import Chunk, Index
 from .mounts import mount_table
@@ -34,12 +35,12 @@ FETCH_WORKERS = 16
 _TEMPORARY = ".building-"
 
 
-def hot_layer(index: Index, reference: str, profile_data: bytes, store: ChunkStore, cache: ChunkCache,
-              *, redirects: dict[int, bytes]) -> str | None:
+def hot_layer(index: Index, reference: str, profile_data: bytes, store: ChunkStore,
+              cache: ChunkCache) -> str | None:
     """The hot layer's directory for this image and profile, built now if the host has none; None if empty.
 
-    `redirects` maps an inode to the path its metadata entry redirects to (`coldbrew.fs.erofs.redirect_paths`):
-    its data is written at that path here. Raises FsError (a chunk that cannot be fetched or is corrupt).
+    A file's data is written at the path its metadata entry redirects to (`coldbrew.fs.erofs.redirect_paths`).
+    Raises FsError (a chunk that cannot be fetched or is corrupt).
     """
     root = os.path.join(cache.directory, HOT_DIRECTORY)
     final = os.path.join(root, f"{reference}-{objects.digest_of(profile_data).hex()[:16]}")
@@ -52,6 +53,7 @@ def hot_layer(index: Index, reference: str, profile_data: bytes, store: ChunkSto
     os.makedirs(root, exist_ok=True)
     _remove_abandoned(root)
     _cache_chunks({chunk.digest: chunk.length for chunks in whole.values() for chunk in chunks}, store, cache)
+    redirects = redirect_paths(index)
     building = os.path.join(root, f"{_TEMPORARY}{os.getpid()}-{os.path.basename(final)}")
     shutil.rmtree(building, ignore_errors=True)
     try:

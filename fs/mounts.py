@@ -23,6 +23,15 @@ def canonical(mountpoint: str) -> str:
     return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
 
 
+def link_target(path: str) -> str | None:
+    """The target of the symlink at `path`, or None. Unlike lstat, readlink of a mount point asks its filesystem
+    nothing (a dead or stopped FUSE daemon would make lstat fail or hang)."""
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
 def unescape(field: str) -> str:
     """A mountinfo field without its octal escapes (space, tab, newline and backslash are escaped)."""
     raw = os.fsencode(field)

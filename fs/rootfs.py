@@ -11,6 +11,9 @@ The lower layers are `meta::HOT::image`, HOT being the host's hot layer for the 
 without file-backed EROFS (6.12) or data-only overlay layers (6.5) gets `image` alone, as does a tree EROFS
 cannot express. `remove_root(directory)` takes all of it down. Both are idempotent about what already is or is
 not there, so a half-made root (a crash in between) is removed as well.
+
+With `keep_mounted`, `image` and `meta` are links to the host's shared, mounted layers of the image
+(`coldbrew.fs.imagestack`) instead: a root of an image whose layers are mounted is one overlay mount.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from .cache import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
 from .errors import FsError
-from .mounts import mount_erofs, mount_overlay, mounted, umount
+from .mounts import link_target, mount_erofs, mount_overlay, mounted, umount
 
 if TYPE_CHECKING:
     from .index import Index
@@ -37,45 +40,112 @@ METADATA_DIRECTORY = "erofs"
 
 def create_root(reference: str, directory: str, *, store: str, cache_dir: str = DEFAULT_CACHE_DIR,
                 cache_size: int = DEFAULT_CACHE_SIZE, record_profile: bool = False, hot: bool = True,
-                **mount_options: object) -> str:
+                keep_mounted: float | None = None, **mount_options: object) -> str:
     """Mount `reference` with a writable layer under `directory`; returns the root's path (`directory/rootfs`).
 
     `hot`: stack the hot layer of the image's start-up profile, building it first (its chunks fetched) if this
     host has none; a recording root (`record_profile`) gets none, the reads it records must reach FUSE. The cache
     options and `mount_options` (prefetch) go to `coldbrew.fs.daemon.mount`.
+    `keep_mounted`: stack the root on the host's shared read-only layers of the image (`coldbrew.fs.imagestack`,
+    mounted now if none are), which stay mounted that many seconds after their last root is removed, so that the
+    next root of the image is one overlay mount; `directory/image` and `directory/meta` are then links to them.
+    None: the root has layers of its own, taken down with it. A recording root always has its own.
     """
-    from .daemon import mount
-
     directory = os.path.abspath(directory)
     image, meta, upper, work, merged = (os.path.join(directory, part) for part in _PARTS)
     if os.path.exists(merged) and mounted(merged):
         raise FsError(f"{directory} already holds a mounted container root")
-    for path in (image, meta, upper, work, merged):
+    for path in (upper, work, merged):
         os.makedirs(path, exist_ok=True)
+    options = dict(store=store, cache_dir=cache_dir, cache_size=cache_size, hot=hot and not record_profile,
+                   **mount_options)
     try:
-        metadata, hot_layer = _local_layers(reference, store, cache_dir, cache_size, hot=hot and not record_profile)
-        mount(reference, image, store=store, cache_dir=cache_dir, cache_size=cache_size,
-              record_profile=record_profile, **mount_options)
-        error = mount_erofs(metadata, meta) if metadata is not None else errno.ENOENT
-        if error not in (0, errno.ENOTBLK, errno.ENODEV, errno.ENOENT):
-            # A damaged image file (a crash before it reached the disk): made again next time.
-            log.warning("EROFS image %s does not mount (%s); removed", metadata, os.strerror(error))
-            os.unlink(metadata)
-        if error == 0:
-            lower = "::".join(path for path in (meta, hot_layer, image) if path)
-            error = mount_overlay(merged, lower, upper, work)
-            if error:
-                log.warning("overlay with data-only layers on %s: %s; the image's metadata comes from FUSE",
-                            merged, os.strerror(error))
-                umount(meta)
-        if error:
-            error = mount_overlay(merged, image, upper, work)
-        if error:
-            raise FsError(f"overlay mount on {merged}: {os.strerror(error)}")
+        if keep_mounted is not None and not record_profile and _mount_on_stack(reference, directory, keep_mounted,
+                                                                               options):
+            return merged
+        for path in (image, meta):
+            os.makedirs(path, exist_ok=True)
+        _mount_root(merged, upper, work, _mount_layers(reference, directory, record_profile=record_profile,
+                                                       **options))
     except BaseException:
         remove_root(directory)
         raise
     return merged
+
+
+def _mount_on_stack(reference: str, directory: str, keep_mounted: float, options: dict) -> bool:
+    """Mount the root on the image's shared stack, building the stack if it has none; False when the stack is
+    outdated (a layer gone) but still in use, so that it can be neither used nor rebuilt."""
+    from . import imagestack
+
+    settings = {**options, "store": _location(options["store"]), "cache_dir": os.path.abspath(options["cache_dir"])}
+    stack = imagestack.stack_directory(reference, settings)
+    upper, work, merged = (os.path.join(directory, part) for part in ("upper", "work", "rootfs"))
+    with imagestack.locked(stack):
+        lower = imagestack.whole_lower(stack)
+        if lower is None:
+            if imagestack.in_use(stack):
+                log.info("the shared layers of %s are outdated but in use: %s gets layers of its own", reference,
+                         directory)
+                return False
+            imagestack.take_down(stack)
+            os.makedirs(os.path.join(stack, "image"))
+            os.makedirs(os.path.join(stack, "meta"))
+            try:
+                lower = _mount_root(merged, upper, work, _mount_layers(reference, stack, keep_mounted=keep_mounted,
+                                                                       **options))
+                imagestack.record_lower(stack, lower)
+            except BaseException:
+                if os.path.exists(merged) and mounted(merged):
+                    umount(merged, detach=True)
+                imagestack.take_down(stack)
+                raise
+        else:
+            error = mount_overlay(merged, lower, upper, work)
+            if error:
+                raise FsError(f"overlay mount on {merged}: {os.strerror(error)}")
+    for part in ("image", "meta"):
+        os.symlink(os.path.join(stack, part), os.path.join(directory, part))
+    return True
+
+
+def _location(store: str) -> str:
+    return store if store.startswith(("http://", "https://")) else os.path.abspath(store)
+
+
+def _mount_layers(reference: str, base: str, *, store: str, cache_dir: str, cache_size: int, hot: bool,
+                  record_profile: bool = False, **mount_options: object) -> tuple[str | None, str | None, str]:
+    """Mount the image at `base/image` and its metadata image at `base/meta`: (meta or None, hot layer or None,
+    image), the read-only layers of a root, top first."""
+    from .daemon import mount
+
+    image, meta = os.path.join(base, "image"), os.path.join(base, "meta")
+    metadata, hot_layer = _local_layers(reference, store, cache_dir, cache_size, hot=hot)
+    mount(reference, image, store=store, cache_dir=cache_dir, cache_size=cache_size, record_profile=record_profile,
+          **mount_options)
+    error = mount_erofs(metadata, meta) if metadata is not None else errno.ENOENT
+    if error not in (0, errno.ENOTBLK, errno.ENODEV, errno.ENOENT):
+        # A damaged image file (a crash before it reached the disk): made again next time.
+        log.warning("EROFS image %s does not mount (%s); removed", metadata, os.strerror(error))
+        os.unlink(metadata)
+    return (meta if error == 0 else None), hot_layer, image
+
+
+def _mount_root(merged: str, upper: str, work: str, layers: tuple[str | None, str | None, str]) -> str:
+    """Mount the root's overlay on `layers` (`_mount_layers`); returns the lowerdir it has."""
+    meta, hot_layer, image = layers
+    if meta is not None:
+        lower = "::".join(path for path in layers if path)
+        error = mount_overlay(merged, lower, upper, work)
+        if not error:
+            return lower
+        log.warning("overlay with data-only layers on %s: %s; the image's metadata comes from FUSE", merged,
+                    os.strerror(error))
+        umount(meta)
+    error = mount_overlay(merged, image, upper, work)
+    if error:
+        raise FsError(f"overlay mount on {merged}: {os.strerror(error)}")
+    return image
 
 
 def _local_layers(reference: str, store_location: str, cache_dir: str, cache_size: int, *,
@@ -95,23 +165,19 @@ def _local_layers(reference: str, store_location: str, cache_dir: str, cache_siz
         with ChunkCache(cache_dir, cache_size) as cache:
             index, mapped = load_index(reference, store, cache)
             try:
-                redirects = None
                 metadata = os.path.join(cache.directory, METADATA_DIRECTORY, reference)
                 if not os.path.exists(metadata):
                     os.makedirs(os.path.dirname(metadata), exist_ok=True)
                     if not _fetch_metadata_image(index, store, metadata):
-                        redirects = erofs.redirect_paths(index)
                         try:
-                            erofs.write_image(index, metadata, redirects)
+                            erofs.write_image(index, metadata, erofs.redirect_paths(index))
                         except erofs.UnsupportedTree as error:
                             log.warning("image %s is served from FUSE alone: %s", reference, error)
                             return None, None
                 profile = store.get_named(profile_name(reference)) if hot else None
                 if not profile:
                     return metadata, None
-                if redirects is None:
-                    redirects = erofs.redirect_paths(index)
-                return metadata, hot_layer(index, reference, profile, store, cache, redirects=redirects)
+                return metadata, hot_layer(index, reference, profile, store, cache)
             finally:
                 index.release()
                 mapped.close()
@@ -140,7 +206,10 @@ def _fetch_metadata_image(index: Index, store: ChunkStore, path: str) -> bool:
 
 
 def remove_root(directory: str) -> None:
-    """Unmount the overlay, the metadata image and the image and remove everything `create_root` made."""
+    """Unmount the overlay, the metadata image and the image and remove everything `create_root` made.
+
+    Shared layers (links) are left to their stack, which takes itself down once no root uses it.
+    """
     from .daemon import unmount
 
     directory = os.path.abspath(directory)
@@ -153,9 +222,12 @@ def remove_root(directory: str) -> None:
         if umount(merged):
             # Busy (a process still inside): detach, so the layers below can go too.
             umount(merged, detach=True)
-    if os.path.isdir(meta) and mounted(meta) and umount(meta):
+    for path in (image, meta):
+        if link_target(path) is not None:
+            os.unlink(path)
+    if mounted(meta) and umount(meta):
         umount(meta, detach=True)
-    if os.path.isdir(image) and mounted(image):
+    if mounted(image):  # not os.path.isdir first: a dead FUSE mount answers ENOTCONN
         unmount(image)
     for part in _PARTS:
         path = os.path.join(directory, part)
@@ -165,3 +237,9 @@ def remove_root(directory: str) -> None:
         os.rmdir(directory)
     except OSError:
         pass  # the caller's own files are left alone
+
+
+def image_mount(directory: str) -> str:
+    """The FUSE mount serving a root's image (for `coldbrew.fs.mount_stats`): its own, or its stack's."""
+    path = os.path.join(os.path.abspath(directory), "image")
+    return link_target(path) or path

@@ -117,3 +117,31 @@ def test_mounts_fork_from_the_mount_server(tmp_path, pushed, rootfs, monkeypatch
         server.terminate()
         assert server.wait(10) == 0
     assert not socket_path.exists() and not mounts_under(tmp_path)
+
+
+def test_concurrent_roots_share_one_mounted_image(tmp_path, pushed, rootfs):
+    """Roots made at once by separate processes with --keep-mounted stack on one set of image mounts."""
+    store, reference = pushed
+    directories = [tmp_path / f"ctr{k}" for k in range(4)]
+    makers = [subprocess.Popen([COLDBREW, "fs", "rootfs", reference, str(directory), "--store", str(store),
+                                "--cache", str(tmp_path / "cache"), "--keep-mounted", "60"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for directory in directories]
+    stack = None
+    try:
+        for maker in makers:
+            assert maker.wait(60) == 0, maker.stderr.read()
+        images = {os.readlink(directory / "image") for directory in directories}
+        assert len(images) == 1
+        stack = os.path.dirname(images.pop())
+        assert [point for point in mounts_under(stack)] == [f"{stack}/image", f"{stack}/meta"]
+        pids = {json.loads(fs("stats", "--json", str(directory / "image")).stdout)["pid"] for directory in directories}
+        assert len(pids) == 1
+        for directory in directories:
+            assert (directory / "rootfs" / "bin" / "busybox").read_bytes() == (rootfs / "bin" / "busybox").read_bytes()
+    finally:
+        for directory in directories:
+            fs("rm-rootfs", str(directory), check=False)
+        if stack is not None:
+            fs("umount", f"{stack}/image", check=False)
+    assert not mounts_under(tmp_path)
+    assert stack is not None and not mounts_under(stack) and not os.path.exists(stack)
