@@ -462,8 +462,6 @@ class _Server:
             except FsError:
                 code = 1  # logged; the mount still goes away
             pyfuse3.close(unmount=True)
-            if self.args.keep_mounted is not None:
-                self._remove_stack()
             self.listener.close()
             self.index.release()
             self._mapped.close()
@@ -473,6 +471,8 @@ class _Server:
                     os.unlink(path)
                 except FileNotFoundError:
                     pass
+            if self.args.keep_mounted is not None:
+                self._remove_stack()  # last: its lock file going says that all of the stack is gone
         return code
 
     async def _serve(self) -> None:
