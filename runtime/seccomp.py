@@ -24,6 +24,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import ctypes
 
+# Seconds the forked libseccomp may take to compile one filter (a Docker-style profile takes ~8 ms).
+COMPILE_TIMEOUT = 10.0
 # Action values from libseccomp's seccomp.h (the kernel's SECCOMP_RET_* with the data bits clear).
 _ACTIONS = {
     "SCMP_ACT_KILL": 0x00000000,
@@ -184,7 +186,62 @@ class SeccompProfile:
         return cls(default_action, architectures, rules, flags, enosys_stub, path)
 
     def compile(self) -> bytes:
-        """Compile to raw ``struct sock_filter[]`` bytes with libseccomp (call in the runtime, not the child)."""
+        """Compile to raw ``struct sock_filter[]`` bytes with libseccomp (call in the runtime, not the child).
+
+        libseccomp runs in a forked process with a time limit: libseccomp 2.5 never returns from
+        seccomp_rule_add for some sets of rules on one syscall (two rules that share their first argument
+        comparison and differ in a later one), and a bundle must not hang the runtime.
+        """
+        import json
+        import select
+        import signal
+        import time
+
+        _libseccomp()  # loaded once here, not in every forked compiler
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_end)
+            os._exit(_write_all(write_end, self._compile_answer()))
+        os.close(write_end)
+        answer = b""
+        try:
+            deadline = time.monotonic() + COMPILE_TIMEOUT
+            while (left := deadline - time.monotonic()) > 0 and select.select([read_end], [], [], left)[0]:
+                part = os.read(read_end, 1 << 20)
+                if not part:
+                    break
+                answer += part
+            else:
+                os.kill(pid, signal.SIGKILL)
+                raise SpecError(self.path, f"libseccomp did not finish compiling this filter in {COMPILE_TIMEOUT:g} "
+                                           "s (libseccomp 2.5 loops forever on some rules that compare the same "
+                                           "syscall's arguments; merge or simplify them)")
+        finally:
+            os.close(read_end)
+            os.waitpid(pid, 0)
+        kind, _, rest = answer.partition(b"\n")
+        if kind == b"program":
+            return rest
+        error = json.loads(rest)
+        if kind == b"SpecError":
+            raise SpecError(error["path"], error["message"])
+        raise (Unsupported if kind == b"Unsupported" else RuntimeFailure)(error["message"])
+
+    def _compile_answer(self) -> bytes:
+        """In the forked compiler: the program, or the error, as `compile` reads it."""
+        import json
+
+        try:
+            return b"program\n" + self._compile()
+        except SpecError as error:
+            return b"SpecError\n" + json.dumps({"path": error.path, "message": error.message}).encode()
+        except Exception as error:
+            kind = "Unsupported" if isinstance(error, Unsupported) else "RuntimeFailure"
+            message = str(error) if isinstance(error, RuntimeFailure) else f"compiling the filter failed: {error}"
+            return f"{kind}\n".encode() + json.dumps({"message": message}).encode()
+
+    def _compile(self) -> bytes:
         lib = _libseccomp()
         ctx = lib.seccomp_init(self.default_action)
         if not ctx:
@@ -376,6 +433,17 @@ def _uint(value: object, path: str, limit: int) -> int:
 def _lsc(rc: int, call: str) -> None:
     if rc < 0:
         raise SyscallError(-rc, f"libseccomp {call}")
+
+
+def _write_all(fd: int, data: bytes) -> int:
+    """Write all of `data` to the pipe; the forked compiler's exit status (0, or 1 if the reader went away)."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        return 1
+    return 0
 
 
 def _export(lib: ctypes.CDLL, ctx: int) -> bytes:
