@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from .errors import FsError
@@ -142,7 +142,7 @@ def remove(stack: str) -> None:
         pass
 
 
-async def release_when_unused(stack: str, keep_mounted: float, terminate) -> int | None:
+async def release_when_unused(stack: str, keep_mounted: float, terminate: Callable[[], None]) -> int:
     """In a stack's FUSE daemon: once no root has stacked on it for `keep_mounted` seconds, take it down.
 
     Returns the lock's descriptor, held, after unmounting the metadata image and calling `terminate` (which ends
