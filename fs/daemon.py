@@ -543,7 +543,8 @@ class _Server:
         try:
             take_down(stack, stop_daemon=False)
             remove(stack)
-            os.unlink(self.log_path)  # nobody is left to unmount this mount (and remove its log)
+            if os.path.exists(self.log_path):  # nobody is left to unmount this mount and remove its log
+                os.unlink(self.log_path)
         except (FsError, OSError) as error:
             log.error("cannot remove the stack %s: %s", stack, error)
         finally:
