@@ -42,7 +42,6 @@ import shutil
 import stat
 import struct
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -317,33 +316,6 @@ class SnapshotCache:
 
 # ---- saving ---------------------------------------------------------------------------------------------------
 
-class _Uploader:
-    """Each distinct chunk stored once per save, and not at all when the store has it."""
-
-    def __init__(self, store: ChunkStore) -> None:
-        self.store = store
-        self.lock = threading.Lock()
-        self.unique: set[bytes] = set()
-        self.uploaded_chunks = 0
-        self.uploaded_bytes = 0
-
-    def put(self, data: bytes) -> bytes:
-        from ..fs import objects
-
-        digest = objects.digest_of(data)
-        with self.lock:
-            if digest in self.unique:
-                return digest
-            self.unique.add(digest)
-        if not self.store.has(digest):
-            stored = objects.compress(data)
-            self.store.put(digest, stored)
-            with self.lock:
-                self.uploaded_chunks += 1
-                self.uploaded_bytes += len(stored)
-        return digest
-
-
 def _pushed(name: str) -> bool:
     return not name.endswith(_NOT_PUSHED) and name not in _NOT_PUSHED_NAMES and not name.startswith(".")
 
@@ -362,6 +334,7 @@ def save(store: ChunkStore, key: str, image_dir: str, fields: dict[str, Any], *,
     replacing what the key named before. Returns what was stored; `image_dir` is left as it was."""
     from ..fs import objects
     from ..fs.index import Chunk, IndexBuilder
+    from ..fs.pushing import Uploader
 
     image.Snapshot.open(image_dir, verify=False)  # refuses a directory that is not a finished dump
     runs = page_runs(image_dir)
@@ -370,7 +343,7 @@ def save(store: ChunkStore, key: str, image_dir: str, fields: dict[str, Any], *,
     builder.metadata = {"kind": "coldbrew-snapshot", "chunking": "pagemap runs, then 1 MiB"}
     root = os.stat(image_dir)
     root_ino = builder.add(mode=root.st_mode, mtime_ns=root.st_mtime_ns)
-    uploader = _Uploader(store)
+    uploader = Uploader(store, objects.COMPRESSION_LEVEL)
     files: list[tuple[int, str, list[tuple[int, int]]]] = []
     children = []
     dump_bytes = 0
@@ -397,7 +370,7 @@ def save(store: ChunkStore, key: str, image_dir: str, fields: dict[str, Any], *,
                 data = os.pread(f.fileno(), length, offset)
                 if len(data) != length:
                     raise SnapshotError(f"snapshot {image_dir}: {name} changed while it was stored")
-                chunks.append(Chunk(uploader.put(data), offset, length))
+                chunks.append(Chunk(uploader.chunk(data), offset, length))
         return ino, chunks
 
     # Big files first, in pieces of work that keep every thread busy (hashing and zstd release the GIL)
@@ -413,7 +386,7 @@ def save(store: ChunkStore, key: str, image_dir: str, fields: dict[str, Any], *,
         store.put(digest, stored)
         uploader.uploaded_bytes += len(stored)
     result = StoredSnapshot(key=key, reference=digest.hex(), fields=dict(fields), files=len(names),
-                            dump_bytes=dump_bytes, chunks=chunk_count, unique_chunks=len(uploader.unique),
+                            dump_bytes=dump_bytes, chunks=chunk_count, unique_chunks=uploader.unique_chunks,
                             uploaded_chunks=uploader.uploaded_chunks, uploaded_bytes=uploader.uploaded_bytes,
                             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     store.put_named(record_name(key), _encode_record(result))
