@@ -131,17 +131,21 @@ def run_restore_bench(runs: int = 3, progress=None) -> Result:
         return result.rows[-1]
 
     warm_cache, cold_cache, snap = "warm page cache", "dropped page cache", "snapshot"
-    try:
-        say("cold initialisation, warm page cache")
-        _timed_run(plain, env, "none")  # unrecorded: fills the page cache
+
+    def warm_then_cold(what: str, args: list[str], outcome: str, peer: str, label: str) -> None:
+        """`runs` timed runs with a warm page cache (after one unrecorded run fills it), then `runs` after
+        dropping it."""
+        say(f"{what}, warm page cache")
+        _timed_run(args, env, outcome)
         for _ in range(runs):
-            row(warm_cache, "init", "time", "cold initialisation").samples.append(
-                _timed_run(plain, env, "none") * 1e3)
-        say("cold initialisation, dropped page cache")
+            row(warm_cache, peer, "time", label).samples.append(_timed_run(args, env, outcome) * 1e3)
+        say(f"{what}, dropped page cache")
         for _ in range(runs):
             drop_caches()
-            row(cold_cache, "init", "time", "cold initialisation").samples.append(
-                _timed_run(plain, env, "none") * 1e3)
+            row(cold_cache, peer, "time", label).samples.append(_timed_run(args, env, outcome) * 1e3)
+
+    try:
+        warm_then_cold("cold initialisation", plain, "none", "init", "cold initialisation")
 
         say("snapshots")
         runtime = Runtime(state)
@@ -166,16 +170,7 @@ def run_restore_bench(runs: int = 3, progress=None) -> Result:
                 row(snap, "again", "size", "new bytes stored by a later snapshot (dedupe)", "MB").samples.append(
                     made.snapshot.uploaded_bytes / 1e6)
 
-        say("restore, warm page cache")
-        _timed_run(snapshotted, env, "restored")  # unrecorded
-        for _ in range(runs):
-            row(warm_cache, "restore", "time", "restore (local snapshot cache)").samples.append(
-                _timed_run(snapshotted, env, "restored") * 1e3)
-        say("restore, dropped page cache")
-        for _ in range(runs):
-            drop_caches()
-            row(cold_cache, "restore", "time", "restore (local snapshot cache)").samples.append(
-                _timed_run(snapshotted, env, "restored") * 1e3)
+        warm_then_cold("restore", snapshotted, "restored", "restore", "restore (local snapshot cache)")
         say("restore from the store, empty local cache, dropped page cache")
         for _ in range(runs):
             for name in os.listdir(cache_dir):
