@@ -143,10 +143,10 @@ def remove(stack: str) -> None:
 
 
 async def release_when_unused(stack: str, keep_mounted: float, terminate: Callable[[], None]) -> int:
-    """In a stack's FUSE daemon: once no root has stacked on it for `keep_mounted` seconds, take it down.
+    """In a stack's FUSE daemon: once no root has stacked on it for `keep_mounted` seconds, end its FUSE loop.
 
-    Returns the lock's descriptor, held, after unmounting the metadata image and calling `terminate` (which ends
-    the daemon's FUSE loop): the daemon removes the stack (`remove`) after its own mount is gone, then closes it.
+    Returns the lock's descriptor, held, after calling `terminate`: the daemon takes the stack down (`take_down`,
+    `remove`) once its own mount is gone, then closes it.
     """
     import time
 
@@ -168,7 +168,6 @@ async def release_when_unused(stack: str, keep_mounted: float, terminate: Callab
             idle_since = time.monotonic()
             continue
         log.info("no container root has used %s for %.0f s: taking it down", stack, keep_mounted)
-        take_down(stack, stop_daemon=False)
         terminate()
         return fd
 
