@@ -94,7 +94,8 @@ def _parse(value: bytes | None) -> tuple[int, int] | None:
     return _RECORD.unpack(value)
 
 
-def _boot_id() -> bytes:
+def boot_id() -> bytes:
+    """This boot's id: what the page cache holds now can be lost with it (a host crash), nothing else can."""
     with open(_BOOT_ID, "rb") as file:
         return file.read().strip()
 
@@ -252,6 +253,22 @@ class ChunkCache:
             os.close(fd)
         self._used(digest, hit=True)
         return data
+
+    def link(self, digest: bytes, path: str) -> bool:
+        """Give a cached chunk's file a second name, `path` (a hard link: no copy); False when it is not cached.
+        The file is the cache's own: never write to it. Counts as a use."""
+        value, record = self._lookup(digest)
+        if record is None:
+            return bool(self._miss(digest, value))
+        try:
+            os.link(_chunk_name(digest), path, src_dir_fd=self._chunks_fd)
+        except FileNotFoundError:
+            return bool(self._miss(digest, value))
+        if os.stat(path).st_size != record[0]:
+            os.unlink(path)
+            return bool(self._miss(digest, value))
+        self._used(digest, hit=True)
+        return True
 
     def __contains__(self, digest: bytes) -> bool:
         return self._lookup(digest)[1] is not None
@@ -525,7 +542,7 @@ class ChunkCache:
         try:
             # Locked before it has a name, so no opener can mistake it for a dead owner's.
             fcntl.flock(fd, fcntl.LOCK_EX)
-            os.write(fd, _boot_id())
+            os.write(fd, boot_id())
             self._owner_name = f"{os.getpid()}-{os.urandom(6).hex()}"
             _link_tmpfile(fd, self._owners_fd, self._owner_name)
         except BaseException:
@@ -536,7 +553,7 @@ class ChunkCache:
     def _claim_dead_owners(self) -> tuple[bool, bool, bool]:
         """(another live owner, a killed owner, a killed owner from an earlier boot); removes the dead ones."""
         owners = os.path.join(self.directory, "owners")
-        boot = _boot_id()
+        boot = boot_id()
         live = dead = previous_boot = False
         for name in os.listdir(owners):
             path = os.path.join(owners, name)
@@ -629,8 +646,9 @@ def _add_counter(txn: lmdb.Transaction, db: object, key: bytes, delta: int) -> N
     txn.put(key, _COUNTER.pack(max(0, _counter(txn, db, key) + delta)), db=db)
 
 
-def load_index(reference: str, store: ChunkStore, cache: ChunkCache) -> tuple[Index, mmap.mmap]:
-    """The image's index, from the cache or else the store, validated once per cache (raises FsError)."""
+def fetch_index(reference: str, store: ChunkStore, cache: ChunkCache) -> str:
+    """The path of the image's index in the cache, fetched (and checked against the reference) if it is not there;
+    not yet validated (raises FsError)."""
     digest = objects.parse_reference(reference)
     path = cache.index_path(digest)
     if not os.path.exists(path):
@@ -639,6 +657,13 @@ def load_index(reference: str, store: ChunkStore, cache: ChunkCache) -> tuple[In
         except ChunkMissing:
             raise BadReference(f"image {reference} is not in the store {store.describe()}") from None
         cache.put_index(digest, objects.decode(digest, stored, MAX_INDEX_SIZE))
+    return path
+
+
+def load_index(reference: str, store: ChunkStore, cache: ChunkCache) -> tuple[Index, mmap.mmap]:
+    """The image's index, from the cache or else the store, validated once per cache (raises FsError)."""
+    digest = objects.parse_reference(reference)
+    path = fetch_index(reference, store, cache)
     with open(path, "rb") as file:
         mapped = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)
     index = None

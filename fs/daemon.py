@@ -81,13 +81,16 @@ def _daemon_alive(state: dict) -> bool:
 
 def mount(reference: str, mountpoint: str, *, store: str, cache_dir: str = DEFAULT_CACHE_DIR,
           cache_size: int = DEFAULT_CACHE_SIZE, record_profile: bool = False, prefetch: bool = True,
-          foreground: bool = False, read_ahead_kb: int = READ_AHEAD_KB, keep_mounted: float | None = None) -> None:
+          foreground: bool = False, read_ahead_kb: int = READ_AHEAD_KB, keep_mounted: float | None = None,
+          hot_layer: bool = False) -> None:
     """Mount image `reference` from `store` read-only at `mountpoint`.
 
     Returns once the mount serves requests (a daemon keeps serving it in the background), or, with `foreground`,
     serves it in this process until it is unmounted. Raises FsError with the reason when it cannot mount.
     `keep_mounted`: the mount is the image layer of a shared stack (`coldbrew.fs.imagestack`, the mount point's
     parent directory), which the daemon takes down once no root has stacked on it for that many seconds.
+    `hot_layer`: a root stacks the hot layer of the image's profile over this mount, and its maker brings the
+    chunks of the files the profile reads whole into the cache (`coldbrew.fs.hotlayer`): prefetch leaves those out.
     """
     from .objects import parse_reference
 
@@ -111,6 +114,8 @@ def mount(reference: str, mountpoint: str, *, store: str, cache_dir: str = DEFAU
         arguments.append("--no-prefetch")
     if keep_mounted is not None:
         arguments += ["--keep-mounted", str(keep_mounted)]
+    if hot_layer:
+        arguments.append("--hot-layer")
     if foreground:
         code = main(arguments)
         if code:
@@ -293,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record-profile", action="store_true")
     parser.add_argument("--no-prefetch", action="store_true")
     parser.add_argument("--keep-mounted", type=float)
+    parser.add_argument("--hot-layer", action="store_true")
     parser.add_argument("--ready-fd", type=int)
     parser.add_argument("--detach", action="store_true")
     args = parser.parse_args(argv)
@@ -619,7 +625,7 @@ class _Server:
         count = len(self.recorder)
         from .profile import profile_name
 
-        data = self.recorder.serialize()
+        data = self.recorder.serialize(self.index)
         try:
             self.store.put_named(profile_name(self.reference), data)
         except Exception as error:  # any store failure: reported, never fatal to the unmount
@@ -632,13 +638,16 @@ class _Server:
         import trio
 
         from .imagefs import Prefetcher
-        from .profile import parse_profile, profile_name
+        from .profile import files_read_whole, parse_profile, profile_name
 
         try:
             data = await trio.to_thread.run_sync(self.store.get_named, profile_name(self.reference))
             if data is None:
                 return
             profile = parse_profile(data, self.index)
+            if self.args.hot_layer:
+                whole = files_read_whole(profile, self.index)
+                profile = [(ino, chunk) for ino, chunk in profile if ino not in whole]
         except Exception as error:  # prefetch is an optimisation: whatever fails, the mount goes on serving
             log.warning("start-up profile of %s not used: %s", self.reference, error)
             return

@@ -7,27 +7,30 @@ here once per host, and from then on its opens and reads never reach the FUSE da
 (a large library) stays lazy.
 
 A hot layer is built from verified chunks only (the cache's, or the store's checked against their hash on
-arrival, and kept in the cache), in a temporary directory renamed into place when whole: a crash leaves a
-temporary directory, removed by the next build, never a partial layer. It is named by the image and the
-profile's hash (a new recording makes a new layer). The hot layers of a cache take at most a quarter of its
-size limit together; the least recently used ones that no mount stacks go first.
+arrival, and kept in the cache), in a temporary directory renamed into place when whole: a killed builder leaves a
+temporary directory, removed by the next build, never a partial layer. A file that is one chunk is a hard link
+to the cache's file of that chunk (no copy); others are written. It is named by the image, the profile's hash (a
+new recording makes a new layer) and the boot it was written in: nothing is synced to disk on a start's path
+(a syncfs cost 30-90 ms and grows with the layer), because only a host crash loses written data, and a layer of
+another boot is never used but removed. The hot layers of a cache take at most a quarter of its size limit
+together; the least recently used ones that no mount stacks go first.
 """
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import os
 import shutil
 import stat
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from . import objects
-from .cache import ChunkCache
+from .cache import ChunkCache, boot_id
 from .erofs import redirect_paths
 from .errors import CorruptChunk
 from .index import Chunk, Index
 from .mounts import mount_table
-from .profile import parse_profile
+from .profile import files_read_whole, hot_chunks, parse_profile
 from .store import ChunkStore
 
 HOT_DIRECTORY = "hot"
@@ -39,28 +42,28 @@ def hot_layer(index: Index, reference: str, profile_data: bytes, store: ChunkSto
               cache: ChunkCache) -> str | None:
     """The hot layer's directory for this image and profile, built now if the host has none; None if empty.
 
-    A file's data is written at the path its metadata entry redirects to (`coldbrew.fs.erofs.redirect_paths`).
+    A file's data is written at the path its metadata entry redirects to (`coldbrew.fs.erofs.redirect_paths`);
+    one that no path reaches is left to the lazy mount.
     Raises FsError (a chunk that cannot be fetched or is corrupt).
     """
-    root = os.path.join(cache.directory, HOT_DIRECTORY)
-    final = os.path.join(root, f"{reference}-{objects.digest_of(profile_data).hex()[:16]}")
+    final = _layer_path(cache, reference, profile_data)
+    root = os.path.dirname(final)
     if os.path.isdir(final):
         os.utime(final)  # its last use, for eviction
         return final
-    whole = _files_read_whole(parse_profile(profile_data, index), index)
+    whole = files_read_whole(parse_profile(profile_data, index), index)
     if not whole:
         return None
     os.makedirs(root, exist_ok=True)
     _remove_abandoned(root)
     _cache_chunks({chunk.digest: chunk.length for chunks in whole.values() for chunk in chunks}, store, cache)
-    redirects = redirect_paths(index)
+    redirects = redirect_paths(index, whole)
     building = os.path.join(root, f"{_TEMPORARY}{os.getpid()}-{os.path.basename(final)}")
     shutil.rmtree(building, ignore_errors=True)
     try:
-        for ino, chunks in whole.items():
-            _write_file(os.path.join(building, os.fsdecode(redirects[ino].lstrip(b"/"))), chunks,
-                        index.file_size(ino), cache)
-        _syncfs(building)
+        for ino, path in redirects.items():
+            _write_file(os.path.join(building, os.fsdecode(path.lstrip(b"/"))), whole[ino], index.file_size(ino),
+                        cache)
         try:
             os.rename(building, final)
         except OSError:  # another process built it first: theirs is as good
@@ -72,13 +75,22 @@ def hot_layer(index: Index, reference: str, profile_data: bytes, store: ChunkSto
     return final
 
 
-def _files_read_whole(profile: list[tuple[int, Chunk]], index: Index) -> dict[int, list[Chunk]]:
-    """inode -> chunks of the files (in first-read order) of which the profile reads every chunk."""
-    read: dict[int, set[int]] = {}
-    for ino, chunk in profile:
-        read.setdefault(ino, set()).add(chunk.offset)
-    files = {ino: index.chunks(ino) for ino in read}
-    return {ino: chunks for ino, chunks in files.items() if len(read[ino]) == len(chunks)}
+def fetch_listed_chunks(reference: str, profile_data: bytes, store: ChunkStore, cache: ChunkCache) -> None:
+    """Fetch the chunks that a profile lists for its hot layer into the cache (verified, as always), unless the
+    host has that layer: this needs no index, so a first start fetches them while it fetches the index.
+    Raises FsError."""
+    if not os.path.isdir(_layer_path(cache, reference, profile_data)):
+        _cache_chunks(hot_chunks(profile_data), store, cache)
+
+
+def _layer_path(cache: ChunkCache, reference: str, profile_data: bytes) -> str:
+    name = f"{reference}-{objects.digest_of(profile_data).hex()[:16]}{_boot_suffix()}"
+    return os.path.join(cache.directory, HOT_DIRECTORY, name)
+
+
+@functools.cache
+def _boot_suffix() -> str:
+    return "-" + boot_id().decode().replace("-", "")[:12]
 
 
 def _cache_chunks(chunks: dict[bytes, int], store: ChunkStore, cache: ChunkCache) -> None:
@@ -105,6 +117,8 @@ def _cache_chunks(chunks: dict[bytes, int], store: ChunkStore, cache: ChunkCache
 
 def _write_file(path: str, chunks: list[Chunk], size: int, cache: ChunkCache) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    if len(chunks) == 1 and chunks[0].offset == 0 and chunks[0].length == size and cache.link(chunks[0].digest, path):
+        return
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
     try:
         for chunk in chunks:
@@ -119,22 +133,15 @@ def _write_file(path: str, chunks: list[Chunk], size: int, cache: ChunkCache) ->
         os.close(fd)
 
 
-def _syncfs(path: str) -> None:
-    """Make the layer durable before it gets its name (one syncfs, not an fsync per file)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        ctypes.CDLL(None, use_errno=True).syncfs(fd)
-    finally:
-        os.close(fd)
-
-
 def _remove_abandoned(root: str) -> None:
-    """Temporary directories of builders that are gone (killed mid-build)."""
+    """Temporary directories of builders that are gone (killed mid-build), and layers of another boot."""
     for name in os.listdir(root):
         if name.startswith(_TEMPORARY):
             pid = name[len(_TEMPORARY):].split("-", 1)[0]
             if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        elif not name.endswith(_boot_suffix()):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def _tree_size(path: str) -> int:

@@ -19,7 +19,9 @@ import json
 import stat
 import sys
 from dataclasses import dataclass
-from typing import Iterator
+from itertools import accumulate, chain, compress, count, repeat
+from operator import add, eq, ge, gt, lt, or_, sub
+from typing import Iterable, Iterator, Sequence
 
 from .errors import BadIndex
 from .objects import DIGEST_SIZE
@@ -63,6 +65,7 @@ COLUMNS: dict[str, tuple[str, str]] = {
 }
 _ITEM_SIZE = {"I": 4, "Q": 8, "q": 8, "B": 1}
 _FILE_TYPES = {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK}
+_LINK_OR_SPECIAL = _FILE_TYPES - {stat.S_IFREG, stat.S_IFDIR}
 
 if sys.byteorder != "little":  # the columns are cast in place, which needs the file's byte order
     raise ImportError("coldbrew.fs reads its little-endian index in place and needs a little-endian host")
@@ -362,6 +365,10 @@ class Index:
                 bytes(heap[value_off: value_off + self._xattr_value_len[x]])
         return result
 
+    def data_bytes(self) -> int:
+        """Bytes of file data the chunks hold, duplicates included (what `du` of the tree would count)."""
+        return sum(self._chunk_length)
+
     def all_chunks(self) -> Iterator[Chunk]:
         """Every chunk reference of every file, in inode order (duplicates included)."""
         digests = self._chunk_digest
@@ -382,35 +389,64 @@ class Index:
     # -- validation ----------------------------------------------------------------------------------------------
 
     def validate(self) -> None:
-        """Refuse a malformed or hostile index: every reference in bounds, names safe, the directories a tree."""
-        n = self.entries
-        heap_size = len(self._heap_bytes)
-        if not stat.S_ISDIR(self._mode[0]):
+        """Refuse a malformed or hostile index: every reference in bounds, names safe, the directories a tree.
+
+        Checks run column-wide in C (`map`, `compress`, `min`/`max` over lists of the columns), entry by entry only
+        to name what is wrong: validating a large image's index is on the path of its first start.
+        """
+        heap = self._heap_bytes.tobytes()
+        kinds = list(map(stat.S_IFMT, self._mode))
+        if kinds[0] != stat.S_IFDIR:
             raise BadIndex("entries[1]", "the root is not a directory")
-        for i in range(n):
-            mode = self._mode[i]
-            kind = stat.S_IFMT(mode)
-            where = f"entries[{i + 1}]"
-            if kind not in _FILE_TYPES:
-                raise BadIndex(where, f"mode {mode:o} is no file type")
-            first, count = self._ref_first[i], self._ref_count[i]
-            if kind == stat.S_IFDIR:
-                if first + count > self.dirent_count:
-                    raise BadIndex(where, f"dirents [{first}, +{count}] out of bounds")
-            elif kind == stat.S_IFREG:
-                self._validate_chunks(i, first, count)
-            elif kind == stat.S_IFLNK:
-                if not 0 < count <= MAX_SYMLINK or first + count > heap_size:
-                    raise BadIndex(where, f"symlink target [{first}, +{count}] out of bounds")
-                if b"\0" in self._heap_bytes[first: first + count].tobytes():
-                    raise BadIndex(where, "symlink target holds a NUL byte")
+        for kind in set(kinds) - _FILE_TYPES:
+            i = kinds.index(kind)
+            raise BadIndex(f"entries[{i + 1}]", f"mode {self._mode[i]:o} is no file type")
+        ref_first, ref_count = self._ref_first.tolist(), self._ref_count.tolist()
+        self._validate_entries(kinds, ref_first, ref_count, heap)
+        dirs = _rows_of_kind(kinds, stat.S_IFDIR)
+        dirent_counts = _tiling(dirs, ref_first, ref_count, self.dirent_count, "dirents")
+        files = _rows_of_kind(kinds, stat.S_IFREG)
+        self._validate_chunks(files, _tiling(files, ref_first, ref_count, self.chunk_count, "chunks"))
+        self._validate_xattrs(len(heap))
+        self._validate_tree(kinds, dirs, dirent_counts, heap)
+
+    def _validate_entries(self, kinds: list[int], ref_first: list[int], ref_count: list[int], heap: bytes) -> None:
+        """Symlink targets and special files' references, xattr ranges, parents."""
+        for i in compress(range(len(kinds)), map(_LINK_OR_SPECIAL.__contains__, kinds)):
+            first, count = ref_first[i], ref_count[i]
+            if kinds[i] == stat.S_IFLNK:
+                if not 0 < count <= MAX_SYMLINK or first + count > len(heap):
+                    raise BadIndex(f"entries[{i + 1}]", f"symlink target [{first}, +{count}] out of bounds")
+                if b"\0" in heap[first: first + count]:
+                    raise BadIndex(f"entries[{i + 1}]", "symlink target holds a NUL byte")
             elif first or count:
-                raise BadIndex(where, "a special file refers to data")
-            xfirst, xcount = self._xattr_first[i], self._xattr_count[i]
-            if xfirst + xcount > self.xattr_count:
-                raise BadIndex(where, f"xattrs [{xfirst}, +{xcount}] out of bounds")
-            if not 1 <= self._parent[i] <= n:
-                raise BadIndex(where, f"parent {self._parent[i]} out of bounds")
+                raise BadIndex(f"entries[{i + 1}]", "a special file refers to data")
+        i = _first_outside(list(map(add, self._xattr_first, self._xattr_count)), 0, self.xattr_count)
+        if i is not None:
+            raise BadIndex(f"entries[{i + 1}]",
+                           f"xattrs [{self._xattr_first[i]}, +{self._xattr_count[i]}] out of bounds")
+        i = _first_outside(self._parent, 1, self.entries)
+        if i is not None:
+            raise BadIndex(f"entries[{i + 1}]", f"parent {self._parent[i]} out of bounds")
+
+    def _validate_chunks(self, files: list[int], counts: list[int]) -> None:
+        """Each file's chunks (consecutive, see `_tiling`) in order, not overlapping, inside the file."""
+        offsets, lengths = self._chunk_offset.tolist(), self._chunk_length.tolist()
+        c = _first_outside(lengths, 1, MAX_CHUNK_SIZE)
+        if c is not None:
+            raise BadIndex(f"chunks[{c}]", f"length {lengths[c]} out of bounds")
+        ends = list(map(add, offsets, lengths))
+        previous_ends = [0, *ends[:-1]]
+        for first in accumulate(counts[:-1], initial=0):
+            if first < len(previous_ends):
+                previous_ends[first] = 0  # a file's first chunk follows nothing
+        file_sizes = list(chain.from_iterable(map(repeat, map(self._size.__getitem__, files), counts)))
+        c = _first_true(map(or_, map(lt, offsets, previous_ends), map(gt, ends, file_sizes)))
+        if c is not None:
+            raise BadIndex(f"chunks[{c}]", f"[{offsets[c]}, +{lengths[c]}] overlaps or lies outside its file of "
+                                           f"{file_sizes[c]} bytes")
+
+    def _validate_xattrs(self, heap_size: int) -> None:
         for x in range(self.xattr_count):
             for offset, length in ((self._xattr_name_off[x], self._xattr_name_len[x]),
                                    (self._xattr_value_off[x], self._xattr_value_len[x])):
@@ -418,47 +454,69 @@ class Index:
                     raise BadIndex(f"xattrs[{x}]", "out of the heap")
             if not 0 < self._xattr_name_len[x] <= MAX_NAME:
                 raise BadIndex(f"xattrs[{x}]", "name length out of bounds")
-        self._validate_tree(heap_size)
 
-    def _validate_chunks(self, i: int, first: int, count: int) -> None:
-        where = f"entries[{i + 1}]"
-        if first + count > self.chunk_count:
-            raise BadIndex(where, f"chunks [{first}, +{count}] out of bounds")
-        end = 0
-        size = self._size[i]
-        for c in range(first, first + count):
-            offset, length = self._chunk_offset[c], self._chunk_length[c]
-            if not 0 < length <= MAX_CHUNK_SIZE:
-                raise BadIndex(f"chunks[{c}]", f"length {length} out of bounds")
-            if offset < end or offset + length > size:
-                raise BadIndex(f"chunks[{c}]", f"[{offset}, +{length}] overlaps or lies outside its file of {size} bytes")
-            end = offset + length
+    def _validate_tree(self, kinds: list[int], dirs: list[int], counts: list[int], heap: bytes) -> None:
+        """Dirent names safe and sorted within each directory, inodes in bounds, each directory below the root
+        named exactly once, by its parent (no cycles, no directory hardlinks)."""
+        lengths, inodes = self._dirent_name_len.tolist(), self._dirent_ino.tolist()
+        name_ends = list(map(add, self._dirent_name_off, lengths))
+        d = _first_outside(lengths, 1, MAX_NAME)
+        if d is None:
+            d = _first_outside(name_ends, 0, len(heap))
+        if d is not None:
+            raise BadIndex(f"dirents[{d}]", "name out of bounds")
+        names = list(map(heap.__getitem__, map(slice, self._dirent_name_off, name_ends)))
+        joined = b"".join(names)
+        if b"/" in joined or b"\0" in joined or b"." in names or b".." in names:
+            d = _first_true(b"/" in name or b"\0" in name or name in (b".", b"..") for name in names)
+            raise BadIndex(f"dirents[{d}]", f"name {names[d]!r} is not a file name")
+        out_of_order = [False, *map(ge, names[:-1], names[1:])]
+        for first in accumulate(counts[:-1], initial=0):
+            if first < len(out_of_order):
+                out_of_order[first] = False  # a directory's first name follows no other
+        d = _first_true(out_of_order)
+        if d is not None:
+            raise BadIndex(f"dirents[{d}]", f"name {names[d]!r} is out of order or repeated")
+        d = _first_outside(inodes, 1, self.entries)
+        if d is not None:
+            raise BadIndex(f"dirents[{d}]", f"inode {inodes[d]} out of bounds")
+        owners = list(chain.from_iterable(map(repeat, map(add, dirs, repeat(1)), counts)))
+        named = {1}
+        for d in compress(range(len(inodes)), map(eq, map(kinds.__getitem__, map(sub, inodes, repeat(1))),
+                                                  repeat(stat.S_IFDIR))):
+            child = inodes[d]
+            if child in named or self._parent[child - 1] != owners[d]:
+                raise BadIndex(f"dirents[{d}]", f"directory {child} is linked twice or from the wrong parent")
+            named.add(child)
 
-    def _validate_tree(self, heap_size: int) -> None:
-        seen_dirs = {1}
-        pending = [1]
-        while pending:
-            ino = pending.pop()
-            i = ino - 1
-            first = self._ref_first[i]
-            previous = None
-            for d in range(first, first + self._ref_count[i]):
-                where = f"dirents[{d}]"
-                offset, length = self._dirent_name_off[d], self._dirent_name_len[d]
-                if offset + length > heap_size or not 0 < length <= MAX_NAME:
-                    raise BadIndex(where, "name out of bounds")
-                name = self._name(d)
-                if b"/" in name or b"\0" in name or name in (b".", b".."):
-                    raise BadIndex(where, f"name {name!r} is not a file name")
-                if previous is not None and name <= previous:
-                    raise BadIndex(where, f"name {name!r} is out of order or repeated")
-                previous = name
-                child = self._dirent_ino[d]
-                if not 1 <= child <= self.entries:
-                    raise BadIndex(where, f"inode {child} out of bounds")
-                if stat.S_ISDIR(self._mode[child - 1]):
-                    # Each directory is named exactly once, by its parent: no cycles, no directory hardlinks.
-                    if child in seen_dirs or self._parent[child - 1] != ino:
-                        raise BadIndex(where, f"directory {child} is linked twice or from the wrong parent")
-                    seen_dirs.add(child)
-                    pending.append(child)
+
+def _first_true(flags: Iterable[object]) -> int | None:
+    """The position of the first true flag, or None."""
+    return next(compress(count(), flags), None)
+
+
+def _first_outside(column: Sequence[int], low: int, high: int) -> int | None:
+    """The position of the first value of `column` outside [low, high], or None."""
+    if not column or (min(column) >= low and max(column) <= high):
+        return None
+    return _first_true(map(or_, map(lt, column, repeat(low)), map(gt, column, repeat(high))))
+
+
+def _rows_of_kind(kinds: list[int], kind: int) -> list[int]:
+    return list(compress(range(len(kinds)), map(eq, kinds, repeat(kind))))
+
+
+def _tiling(rows: list[int], ref_first: list[int], ref_count: list[int], total: int, table: str) -> list[int]:
+    """The rows' counts of `table`, checked to follow one another in row (inode) order and fill it, as
+    `IndexBuilder` lays them out: each row of the table belongs to exactly one entry."""
+    firsts = list(map(ref_first.__getitem__, rows))
+    counts = list(map(ref_count.__getitem__, rows))
+    starts = list(accumulate(counts, initial=0))
+    if firsts == starts[:-1] and starts[-1] == total:
+        return counts
+    for row, first, length, start in zip(rows, firsts, counts, starts):
+        if first + length > total:
+            raise BadIndex(f"entries[{row + 1}]", f"{table} [{first}, +{length}] out of bounds")
+        if first != start:
+            raise BadIndex(f"entries[{row + 1}]", f"{table} [{first}, +{length}] do not follow the previous entry's")
+    raise BadIndex(table, f"{total - starts[-1]} of them belong to no entry")

@@ -29,6 +29,9 @@ from .errors import FsError
 from .mounts import link_target, mount_erofs, mount_overlay, mounted, umount
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from .cache import ChunkCache
     from .index import Index
     from .store import ChunkStore
 
@@ -116,13 +119,46 @@ def _location(store: str) -> str:
 def _mount_layers(reference: str, base: str, *, store: str, cache_dir: str, cache_size: int, hot: bool,
                   record_profile: bool = False, **mount_options: object) -> tuple[str | None, str | None, str]:
     """Mount the image at `base/image` and its metadata image at `base/meta`: (meta or None, hot layer or None,
-    image), the read-only layers of a root, top first."""
+    image), the read-only layers of a root, top first.
+
+    A first start waits for the longest of its fetches, not their sum: the chunks that the profile lists for the
+    hot layer are fetched while the index is validated; once it is (the daemon then finds it in the cache,
+    validated), the daemon starts, the metadata image is fetched and the hot layer written at the same time.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .cache import ChunkCache, fetch_index, load_index
     from .daemon import mount
+    from .hotlayer import hot_layer as build_hot_layer
+    from .profile import profile_name
+    from .store import open_store
 
     image, meta = os.path.join(base, "image"), os.path.join(base, "meta")
-    metadata, hot_layer = _local_layers(reference, store, cache_dir, cache_size, hot=hot)
-    mount(reference, image, store=store, cache_dir=cache_dir, cache_size=cache_size, record_profile=record_profile,
-          **mount_options)
+    chunk_store = open_store(store)
+    try:
+        with ChunkCache(cache_dir, cache_size) as cache, ThreadPoolExecutor(4) as pool:
+            profiling = pool.submit(chunk_store.get_named, profile_name(reference)) if hot else None
+            # The index has the link to itself: everything waits for it. Its validation overlaps the chunks' fetch.
+            fetch_index(reference, chunk_store, cache)
+            if profiling is not None:
+                profiling = pool.submit(_fetch_listed_chunks, reference, profiling, chunk_store, cache)
+            index, mapped = load_index(reference, chunk_store, cache)
+            try:
+                mounting = pool.submit(mount, reference, image, store=store, cache_dir=cache_dir,
+                                       cache_size=cache_size, record_profile=record_profile, hot_layer=hot,
+                                       **mount_options)
+                fetching = pool.submit(_metadata_image, index, reference, chunk_store, cache.directory)
+                profile = profiling.result() if profiling is not None else None
+                hot_layer = build_hot_layer(index, reference, profile, chunk_store, cache) if profile else None
+                metadata = fetching.result()
+                mounting.result()
+            finally:
+                index.release()
+                mapped.close()
+    finally:
+        close = getattr(chunk_store, "close", None)
+        if close is not None:
+            close()
     error = mount_erofs(metadata, meta) if metadata is not None else errno.ENOENT
     if error not in (0, errno.ENOTBLK, errno.ENODEV, errno.ENOENT):
         # A damaged image file (a crash before it reached the disk): made again next time.
@@ -148,43 +184,36 @@ def _mount_root(merged: str, upper: str, work: str, layers: tuple[str | None, st
     return image
 
 
-def _local_layers(reference: str, store_location: str, cache_dir: str, cache_size: int, *,
-                  hot: bool) -> tuple[str | None, str | None]:
-    """(the image's EROFS metadata image, its hot layer or None), made on this host if missing.
-
-    The metadata image is None when the tree holds what EROFS cannot express.
-    """
+def _metadata_image(index: Index, reference: str, store: ChunkStore, cache_directory: str) -> str | None:
+    """The image's EROFS metadata image on this host (fetched, or else written, when missing); None when the tree
+    holds what EROFS cannot express."""
     from . import erofs
-    from .cache import ChunkCache, load_index
-    from .hotlayer import hot_layer
-    from .profile import profile_name
-    from .store import open_store
 
-    store = open_store(store_location)
-    try:
-        with ChunkCache(cache_dir, cache_size) as cache:
-            index, mapped = load_index(reference, store, cache)
+    path = os.path.join(cache_directory, METADATA_DIRECTORY, reference)
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if not _fetch_metadata_image(index, store, path):
             try:
-                metadata = os.path.join(cache.directory, METADATA_DIRECTORY, reference)
-                if not os.path.exists(metadata):
-                    os.makedirs(os.path.dirname(metadata), exist_ok=True)
-                    if not _fetch_metadata_image(index, store, metadata):
-                        try:
-                            erofs.write_image(index, metadata, erofs.redirect_paths(index))
-                        except erofs.UnsupportedTree as error:
-                            log.warning("image %s is served from FUSE alone: %s", reference, error)
-                            return None, None
-                profile = store.get_named(profile_name(reference)) if hot else None
-                if not profile:
-                    return metadata, None
-                return metadata, hot_layer(index, reference, profile, store, cache)
-            finally:
-                index.release()
-                mapped.close()
-    finally:
-        close = getattr(store, "close", None)
-        if close is not None:
-            close()
+                erofs.write_image(index, path, erofs.redirect_paths(index))
+            except erofs.UnsupportedTree as error:
+                log.warning("image %s is served from FUSE alone: %s", reference, error)
+                return None
+    return path
+
+
+def _fetch_listed_chunks(reference: str, profiling: Future[bytes | None], store: ChunkStore,
+                         cache: ChunkCache) -> bytes | None:
+    """The image's start-up profile (None when the store has none), once the chunks it lists for the hot layer
+    are in the cache, as far as they can be fetched (the hot layer fetches what it lacks, and reports what fails)."""
+    from .hotlayer import fetch_listed_chunks
+
+    profile = profiling.result()
+    if profile:
+        try:
+            fetch_listed_chunks(reference, profile, store, cache)
+        except FsError as error:
+            log.info("fetching the hot layer's chunks ahead of the index of %s: %s", reference, error)
+    return profile
 
 
 def _fetch_metadata_image(index: Index, store: ChunkStore, path: str) -> bool:

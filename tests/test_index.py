@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from array import array
 
 import pytest
 import zstandard
@@ -11,8 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from coldbrew.fs import objects
-from coldbrew.fs.errors import BadIndex, BadReference, ChunkMissing, CorruptChunk
+from coldbrew.fs.erofs import redirect_paths
+from coldbrew.fs.errors import BadIndex, BadReference, ChunkMissing, CorruptChunk, FsError
 from coldbrew.fs.index import Chunk, Index, IndexBuilder
+from coldbrew.fs.profile import PROFILE_MAGIC, ProfileRecorder, files_read_whole, hot_chunks, parse_profile
 from coldbrew.fs.pushing import push
 from coldbrew.fs.store import LocalStore
 
@@ -222,6 +225,131 @@ def test_corrupted_bytes_never_crash_the_reader(data):
         if stat.S_ISREG(index.mode(ino)):
             index.chunks(ino)
 
+
+
+def two_files() -> bytes:
+    """root/{a,b}: two files of one chunk each."""
+    builder = IndexBuilder()
+    root = builder.add(mode=DIR)
+    a = builder.add(mode=REG, size=4, chunks=[Chunk(b"\1" * 32, 0, 4)])
+    b = builder.add(mode=REG, size=4, chunks=[Chunk(b"\2" * 32, 0, 4)])
+    builder.set_children(root, [(b"a", a), (b"b", b)])
+    return builder.build()
+
+
+def test_ranges_must_follow_one_another():
+    """Each chunk and dirent belongs to exactly one entry, laid out in inode order as IndexBuilder writes them."""
+    Index(two_files()).validate()
+    with pytest.raises(BadIndex, match=r"entries\[3\].*chunks \[0, \+1\] do not follow"):
+        Index(patch_column(two_files(), "ref_first", 2, 0, width=8)).validate()  # b's chunk is a's
+    with pytest.raises(BadIndex, match="1 of them belong to no entry"):
+        Index(patch_column(two_files(), "ref_count", 2, 0)).validate()  # b has none: its chunk is no one's
+    nested = hostile(lambda b, r, s, f: (b.set_children(r, [(b"s", s)]), b.set_children(s, [(b"f", f)])))
+    with pytest.raises(BadIndex, match=r"entries\[1\].*dirents \[1, \+1\] do not follow"):
+        Index(patch_column(nested, "ref_first", 0, 1, width=8)).validate()
+
+
+def linked_tree() -> tuple[Index, dict[str, int]]:
+    """root/{a/y, b/x, b/z, c}: x and y are one file (its parent is b, its first name in a walk a/y)."""
+    builder = IndexBuilder()
+    root = builder.add(mode=DIR)
+    a = builder.add(mode=DIR, parent=root)
+    b = builder.add(mode=DIR, parent=root)
+    linked = builder.add(mode=REG, size=1, parent=b, chunks=[Chunk(b"\1" * 32, 0, 1)])
+    single = builder.add(mode=REG, size=1, parent=b, chunks=[Chunk(b"\2" * 32, 0, 1)])
+    top = builder.add(mode=REG, size=0, parent=root)
+    builder.set_children(root, [(b"a", a), (b"b", b), (b"c", top)])
+    builder.set_children(a, [(b"y", linked)])
+    builder.set_children(b, [(b"x", linked), (b"z", single)])
+    index = Index(builder.build())
+    index.validate()
+    return index, {"linked": linked, "single": single, "top": top}
+
+
+def test_redirect_paths_of_some_files():
+    index, files = linked_tree()
+    assert redirect_paths(index) == {files["linked"]: b"/a/y", files["single"]: b"/b/z", files["top"]: b"/c"}
+    assert redirect_paths(index, [files["single"], files["top"]]) == {files["single"]: b"/b/z", files["top"]: b"/c"}
+    assert redirect_paths(index, [files["linked"]]) == {files["linked"]: b"/a/y"}  # a hard link: a walk decides
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(trees(), st.data())
+def test_redirect_paths_of_some_files_match_a_walk(tree, data):
+    index = Index(build(tree)[0])
+    index.validate()
+    every = redirect_paths(index)
+    some = data.draw(st.lists(st.sampled_from(sorted(every)), unique=True)) if every else []
+    assert redirect_paths(index, some) == {ino: every[ino] for ino in some}
+
+
+# --- start-up profiles ---------------------------------------------------------------------------------------------
+
+def profiled_index() -> tuple[Index, list[Chunk], list[Chunk]]:
+    """root/{whole (2 chunks), part (3 chunks)}: (index, whole's chunks, part's chunks)."""
+    builder = IndexBuilder()
+    root = builder.add(mode=DIR)
+    whole = [Chunk(bytes([1, k]) * 16, 10 * k, 10) for k in range(2)]
+    part = [Chunk(bytes([2, k]) * 16, 10 * k, 10) for k in range(3)]
+    a = builder.add(mode=REG, size=20, chunks=whole)
+    b = builder.add(mode=REG, size=30, chunks=part)
+    builder.set_children(root, [(b"part", b), (b"whole", a)])
+    index = Index(builder.build())
+    index.validate()
+    return index, whole, part
+
+
+def test_profile_round_trip_lists_the_hot_layers_chunks():
+    index, whole, part = profiled_index()
+    recorder = ProfileRecorder()
+    for ino, position in [(2, 1), (3, 2), (2, 0), (2, 1), (99, 0), (3, 7)]:
+        recorder.note(ino, position)
+    data = recorder.serialize(index)
+    # What does not fit the image (inode 99, chunk 7 of a 3-chunk file) is dropped when read.
+    assert parse_profile(data, index) == [(2, whole[1]), (3, part[2]), (2, whole[0])]
+    assert hot_chunks(data) == {whole[1].digest: 10, whole[0].digest: 10}  # part is not read whole
+    assert files_read_whole(parse_profile(data, index), index) == {2: whole}
+
+
+def test_version_1_profiles_are_read():
+    index, whole, _ = profiled_index()
+    pairs = array("I", [2, 0, 2, 1]).tobytes()
+    data = b"CBPROF\x00\x01" + objects.compress(pairs)
+    assert parse_profile(data, index) == [(2, whole[0]), (2, whole[1])]
+    assert hot_chunks(data) == {}
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"not a profile", "not a coldbrew profile"),
+    (PROFILE_MAGIC + b"garbage", "does not decompress"),
+    (PROFILE_MAGIC + objects.compress(b"\1\0"), "truncated"),
+    (PROFILE_MAGIC + objects.compress((5).to_bytes(4, "little") + b"\0" * 8), "fewer pairs"),
+])
+def test_bad_profiles_are_refused(data, message):
+    index, _, _ = profiled_index()
+    with pytest.raises(FsError, match=message):
+        parse_profile(data, index)
+    with pytest.raises(FsError, match=message):
+        hot_chunks(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_corrupted_profiles_never_crash_the_reader(data):
+    index, _, _ = profiled_index()
+    recorder = ProfileRecorder()
+    for ino, position in [(2, 0), (2, 1), (3, 1)]:
+        recorder.note(ino, position)
+    profile = bytearray(recorder.serialize(index))
+    position = data.draw(st.integers(0, len(profile) - 1))
+    profile[position] = data.draw(st.integers(0, 255))
+    try:
+        pairs = parse_profile(bytes(profile), index)
+        listed = hot_chunks(bytes(profile))
+    except FsError:
+        return
+    assert all(1 <= ino <= index.entries for ino, _ in pairs)
+    assert all(len(digest) == objects.DIGEST_SIZE for digest in listed)
 
 # --- push ----------------------------------------------------------------------------------------------------------
 

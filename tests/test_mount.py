@@ -26,6 +26,7 @@ from coldbrew.fs.erofs import INDEX_METADATA_KEY, UnsupportedTree, image_bytes, 
 from coldbrew.fs.mounts import mount_entry, mount_table, mounts_below
 from coldbrew.fs.errors import BadReference, FsError
 from coldbrew.fs.index import Index, IndexBuilder
+from coldbrew.fs.profile import files_read_whole, parse_profile, profile_name
 from coldbrew.fs.pushing import push
 from coldbrew.fs.rootfs import create_root, remove_root
 from coldbrew.fs.store import LocalStore, object_path
@@ -714,7 +715,19 @@ def test_hot_layer_serves_the_files_a_start_reads_whole(roots, tmp_path: Path) -
     assert hot_files == sorted(whole)
     for name, content in whole.items():
         assert (Path(hot) / name).read_bytes() == content
+    # A file of one chunk is the cache's file of that chunk, linked; a larger one is written.
+    module = os.stat(Path(hot) / "lib/module1.py")
+    digest = objects.digest_of(whole["lib/module1.py"])
+    assert (module.st_ino, module.st_nlink) == (os.stat(cold / "chunks" / digest.hex()[:2] / digest.hex()).st_ino, 2)
+    assert os.stat(Path(hot) / "lib/big-read-whole").st_nlink == 1
     stats = mount_stats(str(tmp_path / "hot" / "image"))
+    # The daemon prefetches only what the hot layer does not hold: the chunks of library.so the start read.
+    index = Index(objects.decode(bytes.fromhex(reference), (tmp_path / "store" / object_path(
+        bytes.fromhex(reference))).read_bytes(), 1 << 20))
+    profile = parse_profile(LocalStore(str(tmp_path / "store")).get_named(profile_name(reference)), index)
+    read_in_part = [chunk for ino, chunk in profile if ino not in files_read_whole(profile, index)]
+    assert read_in_part and all(chunk.length == SMALL_CHUNK for chunk in read_in_part)
+    assert stats["profile_chunks"] == len(read_in_part)
     for name, content in whole.items():
         assert (rootfs / name).read_bytes() == content
     assert (rootfs / "module0-link").read_bytes() == whole["lib/module0.py"]
@@ -727,6 +740,24 @@ def test_hot_layer_serves_the_files_a_start_reads_whole(roots, tmp_path: Path) -
     second = roots(reference, "second", cache=cold)
     assert _lower_layers(second)[1] == hot
     assert os.listdir(cold / "hot") == [os.path.basename(hot)]
+
+
+def test_hot_layer_of_another_boot_is_never_used(roots, tmp_path: Path) -> None:
+    """Nothing syncs a hot layer to disk: one written before the host went down may be torn, so it is rebuilt."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "file").write_bytes(os.urandom(5000))
+    reference = push(str(tree), LocalStore(str(tmp_path / "store")), chunk_size=SMALL_CHUNK).reference
+    (roots(reference, "record", record_profile=True) / "file").read_bytes()
+    remove_root(str(tmp_path / "record"))
+    hot = _lower_layers(roots(reference, "first"))[1]
+    remove_root(str(tmp_path / "first"))
+    earlier_boot = hot[:-12] + "0" * 12
+    os.rename(hot, earlier_boot)
+    rootfs = roots(reference, "second")
+    assert _lower_layers(rootfs)[1] == hot
+    assert not os.path.exists(earlier_boot)
+    assert (rootfs / "file").read_bytes() == (tree / "file").read_bytes()
 
 
 def test_hot_layer_build_leaves_nothing_half_made(roots, tmp_path: Path) -> None:
