@@ -44,18 +44,27 @@ def encode(data: bytes | memoryview, level: int = COMPRESSION_LEVEL) -> tuple[by
     return digest_of(data), compress(data, level)
 
 
+def decompress(data: bytes, max_size: int) -> bytes:
+    """The bytes of one zstd frame; ValueError when it is not one or would exceed `max_size` (a frame that states
+    its size is refused before anything is allocated: zstandard would allocate what it states)."""
+    try:
+        params = zstandard.get_frame_parameters(data)
+    except zstandard.ZstdError as error:
+        raise ValueError(f"not a zstd frame ({error})") from None
+    if params.content_size != zstandard.CONTENTSIZE_UNKNOWN and params.content_size > max_size:
+        raise ValueError(f"claims {params.content_size} bytes, at most {max_size} expected")
+    try:
+        return zstandard.ZstdDecompressor().decompress(data, max_output_size=max_size)
+    except zstandard.ZstdError as error:
+        raise ValueError(f"does not decompress ({error})") from None
+
+
 def decode(digest: bytes, stored: bytes, max_size: int) -> bytes:
     """The raw bytes of a stored object, checked against its name. Raises CorruptChunk, never returns wrong bytes."""
     try:
-        params = zstandard.get_frame_parameters(stored)
-    except zstandard.ZstdError as error:
-        raise CorruptChunk(digest, f"not a zstd frame ({error})") from None
-    if params.content_size != zstandard.CONTENTSIZE_UNKNOWN and params.content_size > max_size:
-        raise CorruptChunk(digest, f"claims {params.content_size} bytes, at most {max_size} expected")
-    try:
-        raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=max_size)
-    except zstandard.ZstdError as error:
-        raise CorruptChunk(digest, f"does not decompress ({error})") from None
+        raw = decompress(stored, max_size)
+    except ValueError as error:
+        raise CorruptChunk(digest, str(error)) from None
     if digest_of(raw) != digest:
         raise CorruptChunk(digest, f"its data hashes to {digest_of(raw).hex()}")
     return raw

@@ -85,12 +85,10 @@ def _sections(data: bytes, limit: int) -> tuple[bytes, bytes]:
     version_1 = data.startswith(_PROFILE_MAGIC_V1)
     if not (version_1 or data.startswith(PROFILE_MAGIC)):
         raise FsError("start-up profile: not a coldbrew profile")
-    import zstandard
-
     try:
-        raw = zstandard.ZstdDecompressor().decompress(data[len(PROFILE_MAGIC):], max_output_size=limit)
-    except zstandard.ZstdError as error:
-        raise FsError(f"start-up profile: does not decompress ({error})") from None
+        raw = objects.decompress(data[len(PROFILE_MAGIC):], limit)
+    except ValueError as error:
+        raise FsError(f"start-up profile: {error}") from None
     if version_1:
         return raw[: len(raw) - len(raw) % 8], b""
     if len(raw) < _COUNT.size:

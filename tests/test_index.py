@@ -321,7 +321,7 @@ def test_version_1_profiles_are_read():
 
 @pytest.mark.parametrize("data, message", [
     (b"not a profile", "not a coldbrew profile"),
-    (PROFILE_MAGIC + b"garbage", "does not decompress"),
+    (PROFILE_MAGIC + b"garbage", "not a zstd frame"),
     (PROFILE_MAGIC + objects.compress(b"\1\0"), "truncated"),
     (PROFILE_MAGIC + objects.compress((5).to_bytes(4, "little") + b"\0" * 8), "fewer pairs"),
 ])
@@ -331,6 +331,13 @@ def test_bad_profiles_are_refused(data, message):
         parse_profile(data, index)
     with pytest.raises(FsError, match=message):
         hot_chunks(data)
+
+
+def test_a_profile_larger_than_its_image_allows_is_refused_before_it_is_decompressed():
+    index, _, _ = profiled_index()  # 5 chunks: pairs and listed chunks of at most 224 bytes
+    claims = PROFILE_MAGIC + zstandard.ZstdCompressor(write_content_size=True).compress(b"\0" * 5000)
+    with pytest.raises(FsError, match="claims 5000 bytes, at most 224"):
+        parse_profile(claims, index)
 
 
 @settings(max_examples=200, deadline=None)

@@ -720,7 +720,9 @@ def test_hot_layer_serves_the_files_a_start_reads_whole(roots, tmp_path: Path) -
     digest = objects.digest_of(whole["lib/module1.py"])
     assert (module.st_ino, module.st_nlink) == (os.stat(cold / "chunks" / digest.hex()[:2] / digest.hex()).st_ino, 2)
     assert os.stat(Path(hot) / "lib/big-read-whole").st_nlink == 1
-    stats = mount_stats(str(tmp_path / "hot" / "image"))
+    deadline = time.monotonic() + 20
+    while not (stats := mount_stats(str(tmp_path / "hot" / "image")))["prefetch_done"] and time.monotonic() < deadline:
+        time.sleep(0.02)
     # The daemon prefetches only what the hot layer does not hold: the chunks of library.so the start read.
     index = Index(objects.decode(bytes.fromhex(reference), (tmp_path / "store" / object_path(
         bytes.fromhex(reference))).read_bytes(), 1 << 20))
