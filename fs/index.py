@@ -398,8 +398,9 @@ class Index:
         kinds = list(map(stat.S_IFMT, self._mode))
         if kinds[0] != stat.S_IFDIR:
             raise BadIndex("entries[1]", "the root is not a directory")
-        for kind in set(kinds) - _FILE_TYPES:
-            i = kinds.index(kind)
+        unknown = set(kinds) - _FILE_TYPES
+        if unknown:
+            i = min(map(kinds.index, unknown))
             raise BadIndex(f"entries[{i + 1}]", f"mode {self._mode[i]:o} is no file type")
         ref_first, ref_count = self._ref_first.tolist(), self._ref_count.tolist()
         self._validate_entries(kinds, ref_first, ref_count, heap)
