@@ -18,7 +18,7 @@ from array import array
 
 from . import objects
 from .errors import FsError
-from .index import Chunk, Index
+from .index import MAX_CHUNK_SIZE, Chunk, Index
 
 PROFILE_MAGIC = b"CBPROF\x00\x02"
 _PROFILE_MAGIC_V1 = b"CBPROF\x00\x01"
@@ -66,9 +66,10 @@ def parse_profile(data: bytes, index: Index) -> list[tuple[int, Chunk]]:
 
 
 def hot_chunks(data: bytes) -> dict[bytes, int]:
-    """digest -> length of the chunks the recorder listed for the hot layer (none in a version 1 profile)."""
+    """digest -> length of the chunks the recorder listed for the hot layer (none in a version 1 profile); a
+    length no chunk can have is dropped, so a bad profile cannot make a fetch decompress more than a chunk."""
     _, listed = _sections(data, MAX_PROFILE_SIZE)
-    return {digest: length for digest, length in _LISTED_CHUNK.iter_unpack(listed)}
+    return {digest: length for digest, length in _LISTED_CHUNK.iter_unpack(listed) if 0 < length <= MAX_CHUNK_SIZE}
 
 
 def files_read_whole(profile: list[tuple[int, Chunk]], index: Index) -> dict[int, list[Chunk]]:

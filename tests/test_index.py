@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from coldbrew.fs import objects
 from coldbrew.fs.erofs import redirect_paths
 from coldbrew.fs.errors import BadIndex, BadReference, ChunkMissing, CorruptChunk, FsError
-from coldbrew.fs.index import Chunk, Index, IndexBuilder
+from coldbrew.fs.index import MAX_CHUNK_SIZE, Chunk, Index, IndexBuilder
 from coldbrew.fs.profile import PROFILE_MAGIC, ProfileRecorder, files_read_whole, hot_chunks, parse_profile
 from coldbrew.fs.pushing import push
 from coldbrew.fs.store import LocalStore
@@ -308,6 +308,9 @@ def test_profile_round_trip_lists_the_hot_layers_chunks():
     # What does not fit the image (inode 99, chunk 7 of a 3-chunk file) is dropped when read.
     assert parse_profile(data, index) == [(2, whole[1]), (3, part[2]), (2, whole[0])]
     assert hot_chunks(data) == {whole[1].digest: 10, whole[0].digest: 10}  # part is not read whole
+    huge = data[:len(PROFILE_MAGIC)] + objects.compress(
+        (0).to_bytes(4, "little") + whole[0].digest + (MAX_CHUNK_SIZE + 1).to_bytes(4, "little"))
+    assert hot_chunks(huge) == {}  # no chunk is that large: not fetched
     assert files_read_whole(parse_profile(data, index), index) == {2: whole}
 
 
@@ -356,7 +359,7 @@ def test_corrupted_profiles_never_crash_the_reader(data):
     except FsError:
         return
     assert all(1 <= ino <= index.entries for ino, _ in pairs)
-    assert all(len(digest) == objects.DIGEST_SIZE for digest in listed)
+    assert all(len(digest) == objects.DIGEST_SIZE and 0 < length <= MAX_CHUNK_SIZE for digest, length in listed.items())
 
 # --- push ----------------------------------------------------------------------------------------------------------
 
