@@ -258,17 +258,18 @@ class ChunkCache:
         """Give a cached chunk's file a second name, `path` (a hard link: no copy); False when it is not cached.
         The file is the cache's own: never write to it. Counts as a use."""
         value, record = self._lookup(digest)
-        if record is None:
-            return bool(self._miss(digest, value))
-        try:
-            os.link(_chunk_name(digest), path, src_dir_fd=self._chunks_fd)
-        except FileNotFoundError:
-            return bool(self._miss(digest, value))
-        if os.stat(path).st_size != record[0]:
-            os.unlink(path)
-            return bool(self._miss(digest, value))
-        self._used(digest, hit=True)
-        return True
+        if record is not None:
+            try:
+                os.link(_chunk_name(digest), path, src_dir_fd=self._chunks_fd)
+            except FileNotFoundError:
+                pass
+            else:
+                if os.stat(path).st_size == record[0]:
+                    self._used(digest, hit=True)
+                    return True
+                os.unlink(path)
+        self._miss(digest, value)
+        return False
 
     def __contains__(self, digest: bytes) -> bool:
         return self._lookup(digest)[1] is not None
