@@ -63,6 +63,7 @@ class ImageFs(pyfuse3.Operations):
         self.read_bytes = 0
         self.lookups: dict[int, int] = {}  # inode -> the kernel's lookup count: the inodes it knows
         self._files: dict[int, _OpenFile] = {}
+        self._total_blocks: int | None = None  # for statfs; summed on first use, not at mount
 
     def init(self) -> None:
         # Called while the kernel's INIT is answered; tasks waiting for this run once the answer is sent.
@@ -148,7 +149,9 @@ class ImageFs(pyfuse3.Operations):
         # overlayfs refuses a lower layer without statfs; a read-only image has no free space.
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = 4096
-        data.f_blocks = self.index.data_bytes() // 4096 + 1
+        if self._total_blocks is None:
+            self._total_blocks = self.index.data_bytes() // 4096 + 1
+        data.f_blocks = self._total_blocks
         data.f_bfree = data.f_bavail = 0
         data.f_files = self.index.entries
         data.f_ffree = data.f_favail = 0
