@@ -661,24 +661,41 @@ def fetch_index(reference: str, store: ChunkStore, cache: ChunkCache) -> str:
     return path
 
 
-def load_index(reference: str, store: ChunkStore, cache: ChunkCache) -> tuple[Index, mmap.mmap]:
-    """The image's index, from the cache or else the store, validated once per cache (raises FsError)."""
-    digest = objects.parse_reference(reference)
+def open_index(reference: str, store: ChunkStore, cache: ChunkCache) -> tuple[Index, mmap.mmap]:
+    """The image's index, from the cache or else the store, checked against the reference, its header read, not
+    yet validated: use its metadata alone before `validate_index` (raises FsError)."""
     path = fetch_index(reference, store, cache)
     with open(path, "rb") as file:
         mapped = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)
-    index = None
     try:
-        index = Index(mapped)
-        if not cache.is_index_validated(digest):
-            index.validate()
-            cache.mark_index_validated(digest)
+        return Index(mapped), mapped
     except BaseException:
-        if index is not None:
-            index.release()
-        try:
-            mapped.close()
-        except BufferError:
-            pass  # a half-built Index still holds views (its traceback): the mapping goes with them
+        _close_mapping(mapped)
+        raise
+
+
+def validate_index(reference: str, index: Index, cache: ChunkCache) -> None:
+    """Validate an image's index unless the cache remembers it valid (raises BadIndex)."""
+    digest = objects.parse_reference(reference)
+    if not cache.is_index_validated(digest):
+        index.validate()
+        cache.mark_index_validated(digest)
+
+
+def load_index(reference: str, store: ChunkStore, cache: ChunkCache) -> tuple[Index, mmap.mmap]:
+    """The image's index, from the cache or else the store, validated once per cache (raises FsError)."""
+    index, mapped = open_index(reference, store, cache)
+    try:
+        validate_index(reference, index, cache)
+    except BaseException:
+        index.release()
+        _close_mapping(mapped)
         raise
     return index, mapped
+
+
+def _close_mapping(mapped: mmap.mmap) -> None:
+    try:
+        mapped.close()
+    except BufferError:
+        pass  # a half-built Index still holds views (its traceback): the mapping goes with them

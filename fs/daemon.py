@@ -4,6 +4,10 @@
 and waits on a pipe until the image is mounted and the kernel's INIT is answered, or until it reports why not.
 The FUSE server is never the caller's thread: a FUSE server that touches its own mount deadlocks.
 
+The daemon fetches and validates the index itself, so a first start's fetches all happen in one process, each
+chunk once: for a container root it also brings the root's other layers onto the host (the EROFS metadata image,
+fetched while the index is validated, and the hot layer, which it fills while the root already runs).
+
 Per mount, under /run/coldbrew/fs/ (named by a hash of the mount point): `KEY.json` (pid, mount point, image),
 `KEY.sock` (a control socket: `stats`, `save-profile`) and `KEY.log` (the daemon's log: fetch errors name the
 chunk). SIGTERM (what `unmount` sends) saves a recorded profile, unmounts and removes all three. When the daemon
@@ -25,10 +29,20 @@ import stat
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from .cache import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
 from .errors import FsError
 from .mounts import canonical, link_target, mount_entry, umount
+
+if TYPE_CHECKING:
+    import mmap
+
+    import trio
+
+    from .hotlayer import HotLayer
+    from .imagefs import ImageFs
+    from .index import Chunk, Index
 
 STATE_DIR = "/run/coldbrew/fs"
 # A host's mount server (`coldbrew fs serve`): when it listens here, mounts are forked from it.
@@ -82,15 +96,18 @@ def _daemon_alive(state: dict) -> bool:
 def mount(reference: str, mountpoint: str, *, store: str, cache_dir: str = DEFAULT_CACHE_DIR,
           cache_size: int = DEFAULT_CACHE_SIZE, record_profile: bool = False, prefetch: bool = True,
           foreground: bool = False, read_ahead_kb: int = READ_AHEAD_KB, keep_mounted: float | None = None,
-          hot_layer: bool = False) -> None:
+          hot_layer: bool = False, metadata_image: bool = False) -> str | None:
     """Mount image `reference` from `store` read-only at `mountpoint`.
 
     Returns once the mount serves requests (a daemon keeps serving it in the background), or, with `foreground`,
     serves it in this process until it is unmounted. Raises FsError with the reason when it cannot mount.
     `keep_mounted`: the mount is the image layer of a shared stack (`coldbrew.fs.imagestack`, the mount point's
     parent directory), which the daemon takes down once no root has stacked on it for that many seconds.
-    `hot_layer`: a root stacks the hot layer of the image's profile over this mount, and its maker brings the
-    chunks of the files the profile reads whole into the cache (`coldbrew.fs.hotlayer`): prefetch leaves those out.
+    `metadata_image`: the daemon also saves the EROFS metadata image that the store keeps beside the index into the
+    cache (`coldbrew.fs.erofs.cached_image_path`) before it is ready, fetched while the index is validated.
+    `hot_layer`: a root stacks the hot layer of the image's start-up profile over this mount. The daemon makes it
+    (empty) before it is ready and fills it while the root runs (`coldbrew.fs.hotlayer`); prefetch leaves its
+    files out. Returns the hot layer's directory, or None when the store has no profile for the image.
     """
     from .objects import parse_reference
 
@@ -116,11 +133,13 @@ def mount(reference: str, mountpoint: str, *, store: str, cache_dir: str = DEFAU
         arguments += ["--keep-mounted", str(keep_mounted)]
     if hot_layer:
         arguments.append("--hot-layer")
+    if metadata_image:
+        arguments.append("--metadata-image")
     if foreground:
         code = main(arguments)
         if code:
             raise FsError(f"serving {mountpoint} failed; see the log above")
-        return
+        return None
     os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
     log_path = _paths(mountpoint)[2]
     read_end, write_end = os.pipe()
@@ -140,12 +159,12 @@ def mount(reference: str, mountpoint: str, *, store: str, cache_dir: str = DEFAU
         os.close(read_end)
         if write_end >= 0:
             os.close(write_end)
-    if message == b"ready":
-        return
+    kind, _, text = message.decode(errors="replace").partition("\n")
+    if kind == "ready":
+        return text or None  # the hot layer's directory
     if not message:
         raise FsError(f"the filesystem daemon for {mountpoint} exited before it was ready; see {log_path}")
     os.unlink(log_path)
-    kind, _, text = message.decode(errors="replace").partition("\n")
     raise _rebuild(kind, text)
 
 
@@ -299,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-prefetch", action="store_true")
     parser.add_argument("--keep-mounted", type=float)
     parser.add_argument("--hot-layer", action="store_true")
+    parser.add_argument("--metadata-image", action="store_true")
     parser.add_argument("--ready-fd", type=int)
     parser.add_argument("--detach", action="store_true")
     args = parser.parse_args(argv)
@@ -328,10 +348,11 @@ def serve_mounts(socket_path: str = MOUNT_SERVER_SOCKET) -> int:
     second with a cold page cache, more than the rest of a container's start); forked from here it starts with
     them loaded. No thread and no event loop runs here, so forking is safe; children are reaped by the kernel.
     """
-    import pyfuse3  # noqa: F401  (loaded before forking is the point)
+    import lmdb._envid  # noqa: F401  (loaded before forking is the point; lmdb loads this on first open)
+    import pyfuse3  # noqa: F401
     import trio  # noqa: F401
 
-    from . import cache, fetch, imagefs, profile, store  # noqa: F401
+    from . import cache, erofs, fetch, hotlayer, httpstore, imagefs, profile, store  # noqa: F401
 
     os.makedirs(os.path.dirname(socket_path), mode=0o700, exist_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -407,12 +428,8 @@ def _become_daemon(arguments: list[str], log_path: str, ready_fd: int) -> None:
 
 class _Server:
     def __init__(self, args: argparse.Namespace, report: _Report) -> None:
-        import pyfuse3
-
         from .cache import ChunkCache
         from .fetch import ChunkFetcher
-        from .cache import load_index
-        from .imagefs import ImageFs
         from .profile import ProfileRecorder
         from .store import open_store
 
@@ -421,16 +438,19 @@ class _Server:
         self.mountpoint = args.mountpoint
         self.reference = args.reference.removeprefix("blake3:")
         self.state_path, self.socket_path, self.log_path = _paths(self.mountpoint)
+        self.started = time.monotonic()
         self.store = open_store(args.store)
         self.cache = ChunkCache(args.cache_dir, args.cache_size)
-        started = time.monotonic()
-        self.index, self._mapped = load_index(self.reference, self.store, self.cache)
-        self.index_seconds = time.monotonic() - started
         self.fetcher = ChunkFetcher(self.store, self.cache)
         self.recorder = ProfileRecorder() if args.record_profile else None
-        self.fs = ImageFs(self.index, self.fetcher, recorder=self.recorder)
+        self.index: Index | None = None
+        self._mapped: mmap.mmap | None = None
+        self.fs: ImageFs | None = None
+        self.mounted = False
+        self.profile_data: bytes | None = None
+        self.profile_fetched: trio.Event | None = None
+        self.hot_layer: HotLayer | None = None
         self.prefetcher = None
-        self.saved_profile_chunks = 0
         self.stack_lock: int | None = None  # held while this daemon takes its stack down
         os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -440,24 +460,17 @@ class _Server:
             pass
         self.listener.bind(self.socket_path)
         self.listener.listen(16)
-        options = {"fsname=coldbrew", "subtype=coldbrew", "ro", "default_permissions", "noatime"}
-        if os.geteuid() == 0:
-            # Container roots: other users read it, and its setuid programs and device nodes must work.
-            options |= {"allow_other", "suid", "dev"}
-        try:
-            pyfuse3.init(self.fs, self.mountpoint, options)
-        except RuntimeError as error:
-            self.listener.close()
-            raise FsError(f"cannot mount {self.mountpoint}: {error} (see the log)") from None
-        self.mount_seconds = time.monotonic() - started
 
     def run(self) -> int:
         import pyfuse3
         import trio
 
         code = 0
+        failure: FsError | None = None
         try:
-            trio.run(self._serve)
+            failure = trio.run(self._serve)
+            if failure is not None:
+                code = 1
         except BaseException:
             log.exception("the filesystem of %s failed", self.mountpoint)
             self.report.send(f"FsError\nserving {self.mountpoint} failed; see {self.log_path}")
@@ -467,10 +480,14 @@ class _Server:
                 self._save_profile()
             except FsError:
                 code = 1  # logged; the mount still goes away
-            pyfuse3.close(unmount=True)
+            if self.mounted:
+                pyfuse3.close(unmount=True)
             self.listener.close()
-            self.index.release()
-            self._mapped.close()
+            if self.index is not None:
+                self.index.release()
+                self._mapped.close()
+            if self.hot_layer is not None:
+                self.hot_layer.close()
             self.cache.close()
             for path in (self.state_path, self.socket_path):
                 try:
@@ -479,29 +496,111 @@ class _Server:
                     pass
             if self.args.keep_mounted is not None:
                 self._remove_stack()  # last: its lock file going says that all of the stack is gone
+            if failure is not None:  # once nothing of the mount is left
+                self.report.send(f"{type(failure).__name__}\n{failure}")
         return code
 
-    async def _serve(self) -> None:
+    async def _serve(self) -> FsError | None:
+        """Mount and serve until unmounted; the reason when it could not mount."""
         import trio
 
         async with trio.open_nursery() as nursery:
             self.fetcher.attach(nursery)
+            try:
+                await self._mount(nursery)
+            except FsError as error:
+                log.error("%s", error)
+                nursery.cancel_scope.cancel()
+                return error
             nursery.start_soon(self._fuse_main, nursery.cancel_scope)
             await self.fs.initialized.wait()
             self._raise_read_ahead()
             with open(self.state_path + ".tmp", "w") as file:
-                json.dump({"pid": os.getpid(), "start_time": _start_time("self"), "mountpoint": self.mountpoint, "reference": self.reference,
-                           "store": self.store.describe(), "socket": self.socket_path, "log": self.log_path}, file)
+                json.dump({"pid": os.getpid(), "start_time": _start_time("self"), "mountpoint": self.mountpoint,
+                           "reference": self.reference, "store": self.store.describe(), "socket": self.socket_path,
+                           "log": self.log_path}, file)
             os.rename(self.state_path + ".tmp", self.state_path)
             nursery.start_soon(self._signals)
             nursery.start_soon(self._control)
+            if self.hot_layer is not None:
+                nursery.start_soon(self.hot_layer.fill, self.index, self.fetcher, self.cache)
             if not self.args.no_prefetch:
                 nursery.start_soon(self._prefetch)
             if self.args.keep_mounted is not None:
                 nursery.start_soon(self._release_stack_when_unused)
             log.info("mounted %s at %s (index %d entries, %.3f s)", self.reference, self.mountpoint,
                      self.index.entries, self.mount_seconds)
-            self.report.send("ready")
+            self.report.send("ready" if self.hot_layer is None else f"ready\n{self.hot_layer.path}")
+        return None
+
+    async def _mount(self, nursery: trio.Nursery) -> None:
+        """Fetch and validate the index and mount it; with --hot-layer and --metadata-image, also bring the root's
+        other layers here. A first start waits for the longest fetch, not their sum: the index has the link to
+        itself (everything waits for it), then the hot layer's chunks and the metadata image are fetched while
+        it is validated."""
+        import pyfuse3
+        import trio
+
+        from .cache import open_index, validate_index
+        from .erofs import cached_image_path
+        from .hotlayer import HotLayer
+        from .imagefs import ImageFs
+
+        if self.args.hot_layer or not self.args.no_prefetch:
+            self.profile_fetched = trio.Event()
+            nursery.start_soon(self._fetch_profile)
+        self.index, self._mapped = await trio.to_thread.run_sync(open_index, self.reference, self.store, self.cache)
+        metadata_image = cached_image_path(self.cache.directory, self.reference)
+        metadata_fetched = trio.Event()
+        if self.args.metadata_image and not os.path.exists(metadata_image):
+            nursery.start_soon(self._fetch_metadata_image, metadata_image, metadata_fetched)
+        else:
+            metadata_fetched.set()
+        if self.args.hot_layer:
+            await self.profile_fetched.wait()
+            if self.profile_data:
+                self.hot_layer = await trio.to_thread.run_sync(HotLayer, self.cache.directory, self.reference,
+                                                               self.profile_data)
+                nursery.start_soon(self.hot_layer.fetch_listed_chunks, self.fetcher)
+        await trio.to_thread.run_sync(validate_index, self.reference, self.index, self.cache)
+        await metadata_fetched.wait()
+        self.index_seconds = time.monotonic() - self.started
+        self.fs = ImageFs(self.index, self.fetcher, recorder=self.recorder)
+        options = {"fsname=coldbrew", "subtype=coldbrew", "ro", "default_permissions", "noatime"}
+        if os.geteuid() == 0:
+            # Container roots: other users read it, and its setuid programs and device nodes must work.
+            options |= {"allow_other", "suid", "dev"}
+        try:
+            pyfuse3.init(self.fs, self.mountpoint, options)
+        except RuntimeError as error:
+            raise FsError(f"cannot mount {self.mountpoint}: {error} (see the log)") from None
+        self.mounted = True
+        self.mount_seconds = time.monotonic() - self.started
+
+    async def _fetch_metadata_image(self, path: str, done: trio.Event) -> None:
+        """The stored metadata image into the cache, if it is good (else the root's maker writes one)."""
+        import trio
+
+        from .erofs import fetch_image
+
+        try:
+            await trio.to_thread.run_sync(fetch_image, self.index, self.store, path)
+        except OSError as error:
+            log.warning("cannot save the metadata image of %s: %s", self.reference, error)
+        finally:
+            done.set()
+
+    async def _fetch_profile(self) -> None:
+        import trio
+
+        from .profile import profile_name
+
+        try:
+            self.profile_data = await trio.to_thread.run_sync(self.store.get_named, profile_name(self.reference))
+        except (FsError, OSError) as error:  # a profile is an optimisation: the mount goes on without one
+            log.warning("start-up profile of %s not used: %s", self.reference, error)
+        finally:
+            self.profile_fetched.set()
 
     async def _fuse_main(self, scope) -> None:
         import pyfuse3
@@ -608,6 +707,8 @@ class _Server:
             stats["read_ahead_chunks"] -= self.prefetcher.prefetched_chunks
         if self.recorder is not None:
             stats["recorded_chunks"] = len(self.recorder)
+        if self.hot_layer is not None:
+            stats.update(self.hot_layer.stats())
         stats["cache"] = await trio.to_thread.run_sync(self.cache.stats)
         return stats
 
@@ -620,7 +721,7 @@ class _Server:
             return {"error": str(error)}
 
     def _save_profile(self) -> int:
-        if self.recorder is None or not len(self.recorder):
+        if self.recorder is None or not len(self.recorder) or self.index is None:
             return 0
         count = len(self.recorder)
         from .profile import profile_name
@@ -634,20 +735,26 @@ class _Server:
         log.info("saved a start-up profile of %d chunks for %s", count, self.reference)
         return count
 
+    def _profile_to_prefetch(self) -> list[tuple[int, Chunk]]:
+        """The profile's chunks, less those of the files the hot layer holds (its daemon writes them)."""
+        from .profile import files_read_whole, parse_profile
+
+        profile = parse_profile(self.profile_data, self.index)
+        if self.hot_layer is not None:
+            whole = files_read_whole(profile, self.index)
+            profile = [(ino, chunk) for ino, chunk in profile if ino not in whole]
+        return profile
+
     async def _prefetch(self) -> None:
         import trio
 
         from .imagefs import Prefetcher
-        from .profile import files_read_whole, parse_profile, profile_name
 
+        await self.profile_fetched.wait()
+        if not self.profile_data:
+            return
         try:
-            data = await trio.to_thread.run_sync(self.store.get_named, profile_name(self.reference))
-            if data is None:
-                return
-            profile = parse_profile(data, self.index)
-            if self.args.hot_layer:
-                whole = files_read_whole(profile, self.index)
-                profile = [(ino, chunk) for ino, chunk in profile if ino not in whole]
+            profile = await trio.to_thread.run_sync(self._profile_to_prefetch)
         except Exception as error:  # prefetch is an optimisation: whatever fails, the mount goes on serving
             log.warning("start-up profile of %s not used: %s", self.reference, error)
             return

@@ -16,13 +16,19 @@ data blocks of directories and symlinks too large to be inline. An inode's numbe
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import struct
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from .errors import FsError
 from .index import Index
+
+if TYPE_CHECKING:
+    from .store import ChunkStore
+
+log = logging.getLogger("coldbrew.fs")
 
 BLOCK_BITS = 12
 BLOCK = 1 << BLOCK_BITS
@@ -46,6 +52,8 @@ _XATTR_WHOLE = {b"system.posix_acl_access": 2, b"system.posix_acl_default": 3}
 _OVERLAY_PREFIX = b"trusted.overlay."
 # The index header's entry naming the stored image's digest (`push` writes it).
 INDEX_METADATA_KEY = "erofs"
+# Where a chunk cache keeps the images of its images, named by the image reference.
+CACHE_DIRECTORY = "erofs"
 METACOPY = b"trusted.overlay.metacopy"
 REDIRECT = b"trusted.overlay.redirect"
 
@@ -218,6 +226,32 @@ def save_image(image: bytes | bytearray, path: str) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def cached_image_path(cache_directory: str, reference: str) -> str:
+    return os.path.join(cache_directory, CACHE_DIRECTORY, reference)
+
+
+def fetch_image(index: Index, store: ChunkStore, path: str) -> bool:
+    """Save the image that the index names (pushed beside it) at `path`; False if there is none to use (missing,
+    corrupt, or made of another tree). It reads the index's header alone, so it may run while the index is
+    validated: the image is checked against the digest the index names."""
+    from . import objects
+    from .index import MAX_INDEX_SIZE
+
+    named = index.metadata.get(INDEX_METADATA_KEY)
+    if not isinstance(named, dict) or named.get("tree") != index.body_digest().hex():
+        return False
+    name = str(named.get("image"))
+    try:
+        digest = objects.parse_reference(name)
+        image = objects.decode(digest, store.get(digest), MAX_INDEX_SIZE)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_image(image, path)
+    except FsError as error:  # the caller writes one instead
+        log.warning("the stored EROFS image %s is not used: %s", name, error)
+        return False
+    return True
 
 
 def image_bytes(index: Index, redirects: dict[int, bytes]) -> bytearray:

@@ -6,86 +6,191 @@ searched in order, this hot layer and the lazy FUSE mount. A file the start-up p
 here once per host, and from then on its opens and reads never reach the FUSE daemon; a file it reads in part
 (a large library) stays lazy.
 
-A hot layer is built from verified chunks only (the cache's, or the store's checked against their hash on
-arrival, and kept in the cache), in a temporary directory renamed into place when whole: a killed builder leaves a
-temporary directory, removed by the next build, never a partial layer. A file that is one chunk is a hard link
-to the cache's file of that chunk (no copy); others are written. It is named by the image, the profile's hash (a
-new recording makes a new layer) and the boot it was written in: nothing is synced to disk on a start's path
-(a syncfs cost 30-90 ms and grows with the layer), because only a host crash loses written data, and a layer of
-another boot is never used but removed. The hot layers of a cache take at most a quarter of its size limit
-together; the least recently used ones that no mount stacks go first.
+The daemon of the root's image mount fills the layer while the root already runs: a start never waits for it.
+It fetches the chunks the profile lists as soon as the image's index is on the host (`fetch_listed_chunks`, while
+the index is validated), then writes the files in the order the profile first read them (`fill`). Each file is
+written under a temporary name and renamed into place once whole, so overlayfs finds a file whole or not at all;
+one it does not find yet is read through FUSE, from the same fetches (the daemon fetches a chunk once, whoever
+asks). A marker beside the layer (`NAME.complete`) says that every file is in it; a layer without one (its
+daemon was killed, or a chunk could not be had) is completed by the next daemon that stacks it.
+
+Only verified chunks go in (fetched through the mount's fetcher, kept in the cache). A file that is one chunk is a
+hard link to the cache's file of that chunk (no copy); others are written. A layer is named by the image, the
+profile's hash (a new recording makes a new layer) and the boot it was written in: nothing is synced to disk on a
+start's path (a syncfs cost 30-90 ms and grows with the layer), because only a host crash loses written data, and
+a layer of another boot is never used but removed. Every daemon that stacks a layer holds a shared lock on it for
+its life. The hot layers of a cache take at most a quarter of its size limit together; the least recently used
+ones that no daemon holds and no mount stacks go first.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import itertools
+import logging
 import os
 import shutil
 import stat
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Awaitable, Callable, Iterable, TypeVar
+
+import pyfuse3
+import trio
 
 from . import objects
 from .cache import ChunkCache, boot_id
 from .erofs import redirect_paths
-from .errors import CorruptChunk
+from .fetch import ChunkFetcher
 from .index import Chunk, Index
 from .mounts import mount_table
 from .profile import files_read_whole, hot_chunks, parse_profile
-from .store import ChunkStore
+
+log = logging.getLogger("coldbrew.fs")
 
 HOT_DIRECTORY = "hot"
+# Files written at once, and listed chunks fetched at once (the fetcher bounds the store's share of them).
+FILL_WORKERS = 8
 FETCH_WORKERS = 16
 _TEMPORARY = ".building-"
+_COMPLETE = ".complete"
+_Item = TypeVar("_Item")
 
 
-def hot_layer(index: Index, reference: str, profile_data: bytes, store: ChunkStore,
-              cache: ChunkCache) -> str | None:
-    """The hot layer's directory for this image and profile, built now if the host has none; None if empty.
+class HotLayer:
+    """The hot layer of an image's start-up profile on this host (`path`, made empty if missing), held against
+    eviction until `close`. Blocking: make it on a worker thread."""
 
-    A file's data is written at the path its metadata entry redirects to (`coldbrew.fs.erofs.redirect_paths`);
-    one that no path reaches is left to the lazy mount.
-    Raises FsError (a chunk that cannot be fetched or is corrupt).
-    """
-    final = _layer_path(cache, reference, profile_data)
-    root = os.path.dirname(final)
-    if os.path.isdir(final):
-        os.utime(final)  # its last use, for eviction
-        return final
-    whole = files_read_whole(parse_profile(profile_data, index), index)
-    if not whole:
-        return None
-    os.makedirs(root, exist_ok=True)
-    _remove_abandoned(root)
-    _cache_chunks({chunk.digest: chunk.length for chunks in whole.values() for chunk in chunks}, store, cache)
-    redirects = redirect_paths(index, whole)
-    building = os.path.join(root, f"{_TEMPORARY}{os.getpid()}-{os.path.basename(final)}")
-    shutil.rmtree(building, ignore_errors=True)
-    try:
-        for ino, path in redirects.items():
-            _write_file(os.path.join(building, os.fsdecode(path.lstrip(b"/"))), whole[ino], index.file_size(ino),
-                        cache)
+    def __init__(self, cache_directory: str, reference: str, profile_data: bytes) -> None:
+        self.root = os.path.join(cache_directory, HOT_DIRECTORY)
+        self.name = f"{reference}-{objects.digest_of(profile_data).hex()[:16]}{_boot_suffix()}"
+        self.path = os.path.join(self.root, self.name)
+        self._profile_data = profile_data
+        self.files_written = 0
+        self.files_failed = 0
+        os.makedirs(self.root, exist_ok=True)
+        _remove_abandoned(self.root)
+        self._fd = _hold(self.path)
+        self.complete = os.path.exists(self.path + _COMPLETE)
+        if self.complete:
+            os.utime(self.path)  # its last use, for eviction
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def stats(self) -> dict[str, object]:
+        return {"hot_layer": self.path, "hot_layer_complete": self.complete, "hot_files_written": self.files_written,
+                "hot_files_failed": self.files_failed}
+
+    async def fetch_listed_chunks(self, fetcher: ChunkFetcher) -> None:
+        """Fetch the chunks the profile lists for the layer into the cache, in order, unless the layer is complete.
+        This needs no index: it runs while the index is validated."""
+        if self.complete:
+            return
+
+        async def fetch(listed: tuple[bytes, int]) -> None:
+            try:
+                await fetcher.chunk(*listed)
+            except pyfuse3.FUSEError:
+                pass  # logged by the fetcher; `fill` fetches it again, or leaves its file to FUSE
+
         try:
-            os.rename(building, final)
-        except OSError:  # another process built it first: theirs is as good
-            shutil.rmtree(building)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
-    _evict(root, cache.limit_bytes // 4, keep=final)
-    return final
+            await _each(hot_chunks(self._profile_data).items(), FETCH_WORKERS, fetch)
+        except Exception:  # an optimisation: it must never take the mount down
+            log.exception("fetching the chunks of hot layer %s", self.path)
+
+    async def fill(self, index: Index, fetcher: ChunkFetcher, cache: ChunkCache) -> None:
+        """Write the files the profile reads whole that the layer lacks, in first-read order; then mark the layer
+        complete (when every file is in) and evict old layers. Run it on the mount's trio loop."""
+        if self.complete:
+            return
+        scratch = os.path.join(self.root, f"{_TEMPORARY}{os.getpid()}-{self.name}")
+        try:
+            whole = await trio.to_thread.run_sync(self._files_read_whole, index)
+            redirects = await trio.to_thread.run_sync(redirect_paths, index, whole)
+            await trio.to_thread.run_sync(functools.partial(os.makedirs, scratch, exist_ok=True))
+            names = itertools.count()
+
+            async def write(ino: int) -> None:
+                path = redirects.get(ino)
+                if path is None:
+                    return  # no path reaches it: left to the lazy mount
+                destination = os.path.join(self.path, os.fsdecode(path.lstrip(b"/")))
+                if os.path.lexists(destination):
+                    return  # a daemon before this one wrote it
+                temporary = os.path.join(scratch, str(next(names)))
+                try:
+                    await _write_file(temporary, whole[ino], index.file_size(ino), fetcher, cache)
+                    await trio.to_thread.run_sync(_place, temporary, destination)
+                except (pyfuse3.FUSEError, OSError) as error:  # a chunk not had: logged by the fetcher
+                    self.files_failed += 1
+                    log.warning("hot layer %s: %s is left to the lazy mount: %r", self.name, os.fsdecode(path),
+                                error)
+                    try:
+                        os.unlink(temporary)
+                    except FileNotFoundError:
+                        pass
+                    return
+                self.files_written += 1
+
+            await _each(whole, FILL_WORKERS, write)
+            if not self.files_failed:
+                await trio.to_thread.run_sync(_mark_complete, self.path)
+                self.complete = True
+            await trio.to_thread.run_sync(functools.partial(_evict, self.root, cache.limit_bytes // 4, keep=self.path))
+        except Exception:  # an optimisation: it must never take the mount down
+            log.exception("filling hot layer %s", self.path)
+        finally:
+            await trio.to_thread.run_sync(functools.partial(shutil.rmtree, scratch, ignore_errors=True))
 
 
-def fetch_listed_chunks(reference: str, profile_data: bytes, store: ChunkStore, cache: ChunkCache) -> None:
-    """Fetch the chunks that a profile lists for its hot layer into the cache (verified, as always), unless the
-    host has that layer: this needs no index, so a first start fetches them while it fetches the index.
-    Raises FsError."""
-    if not os.path.isdir(_layer_path(cache, reference, profile_data)):
-        _cache_chunks(hot_chunks(profile_data), store, cache)
+    def _files_read_whole(self, index: Index) -> dict[int, list[Chunk]]:
+        return files_read_whole(parse_profile(self._profile_data, index), index)
 
 
-def _layer_path(cache: ChunkCache, reference: str, profile_data: bytes) -> str:
-    name = f"{reference}-{objects.digest_of(profile_data).hex()[:16]}{_boot_suffix()}"
-    return os.path.join(cache.directory, HOT_DIRECTORY, name)
+async def _each(items: Iterable[_Item], workers: int, work: Callable[[_Item], Awaitable[None]]) -> None:
+    """`work` on every item, in order, `workers` at a time."""
+    pending = iter(items)
+
+    async def worker() -> None:
+        for item in pending:  # shared: each item goes to one worker
+            await work(item)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(workers):
+            nursery.start_soon(worker)
+
+
+async def _write_file(path: str, chunks: list[Chunk], size: int, fetcher: ChunkFetcher, cache: ChunkCache) -> None:
+    if len(chunks) == 1 and chunks[0].offset == 0 and chunks[0].length == size:
+        digest = chunks[0].digest
+        if await trio.to_thread.run_sync(cache.link, digest, path):
+            return
+        await fetcher.chunk(digest, size)
+        if await trio.to_thread.run_sync(cache.link, digest, path):
+            return  # else: a cache too full to keep it; written below
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+    try:
+        for chunk in chunks:
+            data = await fetcher.chunk(chunk.digest, chunk.length)
+            await trio.to_thread.run_sync(_write_at, fd, data, chunk.offset)
+        os.ftruncate(fd, size)  # holes stay holes
+    finally:
+        os.close(fd)
+
+
+def _write_at(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.pwrite(fd, view, offset + len(data) - len(view)):]
+
+
+def _place(temporary: str, destination: str) -> None:
+    os.makedirs(os.path.dirname(destination), exist_ok=True)
+    os.rename(temporary, destination)
+
+
+def _mark_complete(path: str) -> None:
+    os.close(os.open(path + _COMPLETE, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o444))
 
 
 @functools.cache
@@ -93,55 +198,35 @@ def _boot_suffix() -> str:
     return "-" + boot_id().decode().replace("-", "")[:12]
 
 
-def _cache_chunks(chunks: dict[bytes, int], store: ChunkStore, cache: ChunkCache) -> None:
-    """Fetch the chunks the cache lacks, FETCH_WORKERS at a time, each verified before it is cached."""
-    missing = [digest for digest in chunks if digest not in cache]
-
-    def fetch(digest: bytes) -> None:
-        data = objects.decode(digest, store.get(digest), chunks[digest])
-        if len(data) != chunks[digest]:
-            raise CorruptChunk(digest, f"holds {len(data)} bytes, the index says {chunks[digest]}")
-        cache.put(digest, data)
-
-    with ThreadPoolExecutor(FETCH_WORKERS) as pool:
-        pending: set[Future] = set()
-        for digest in missing:
-            if len(pending) >= 2 * FETCH_WORKERS:  # bounded: decoded chunks do not pile up in memory
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    future.result()
-            pending.add(pool.submit(fetch, digest))
-        for future in pending:
-            future.result()
-
-
-def _write_file(path: str, chunks: list[Chunk], size: int, cache: ChunkCache) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if len(chunks) == 1 and chunks[0].offset == 0 and chunks[0].length == size and cache.link(chunks[0].digest, path):
-        return
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
-    try:
-        for chunk in chunks:
-            data = cache.get(chunk.digest)
-            if data is None or len(data) != chunk.length:
-                raise CorruptChunk(chunk.digest, "left the cache while the hot layer was built")
-            view = memoryview(data)
-            while view:
-                view = view[os.pwrite(fd, view, chunk.offset + len(data) - len(view)):]
-        os.ftruncate(fd, size)  # holes stay holes
-    finally:
-        os.close(fd)
+def _hold(path: str) -> int:
+    """The layer's directory (made if missing), open with a shared lock: no eviction removes it while held."""
+    while True:
+        os.makedirs(path, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # waits for an eviction of it to finish
+        if os.fstat(fd).st_nlink:
+            return fd
+        os.close(fd)  # evicted meanwhile: made again
 
 
 def _remove_abandoned(root: str) -> None:
-    """Temporary directories of builders that are gone (killed mid-build), and layers of another boot."""
+    """Temporary directories of daemons that are gone (killed mid-fill), and layers of another boot."""
     for name in os.listdir(root):
         if name.startswith(_TEMPORARY):
             pid = name[len(_TEMPORARY):].split("-", 1)[0]
             if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-        elif not name.endswith(_boot_suffix()):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        elif not name.removesuffix(_COMPLETE).endswith(_boot_suffix()):
+            _remove_layer(os.path.join(root, name.removesuffix(_COMPLETE)))
+
+
+def _remove_layer(path: str) -> None:
+    """The marker first: a layer half removed is never taken for complete."""
+    try:
+        os.unlink(path + _COMPLETE)
+    except FileNotFoundError:
+        pass
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _tree_size(path: str) -> int:
@@ -153,7 +238,8 @@ def _tree_size(path: str) -> int:
 
 
 def _evict(root: str, limit: int, *, keep: str) -> None:
-    """Remove the least recently used hot layers until they fit `limit`; never `keep` nor one a mount stacks."""
+    """Remove the least recently used hot layers until they fit `limit`; never `keep`, nor one that a daemon
+    holds or a mount stacks."""
     stacked = " ".join(entry.options for entry in mount_table() if entry.fstype == "overlay")
     layers = []
     for name in os.listdir(root):
@@ -164,6 +250,21 @@ def _evict(root: str, limit: int, *, keep: str) -> None:
     for _, path, size in sorted(layers):
         if total <= limit:
             break
-        if path != keep and path not in stacked:
-            shutil.rmtree(path, ignore_errors=True)
+        if path != keep and path not in stacked and _remove_unheld(path):
             total -= size
+
+
+def _remove_unheld(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a daemon stacks it
+        _remove_layer(path)  # under the lock: a daemon that comes for it waits, then makes it again
+        return True
+    finally:
+        os.close(fd)

@@ -22,23 +22,14 @@ import errno
 import logging
 import os
 import shutil
-from typing import TYPE_CHECKING
 
 from .cache import DEFAULT_CACHE_DIR, DEFAULT_CACHE_SIZE
 from .errors import FsError
 from .mounts import link_target, mount_erofs, mount_overlay, mounted, umount
 
-if TYPE_CHECKING:
-    from concurrent.futures import Future
-
-    from .cache import ChunkCache
-    from .index import Index
-    from .store import ChunkStore
-
 log = logging.getLogger("coldbrew.fs")
 
 _PARTS = ("image", "meta", "upper", "work", "rootfs")
-METADATA_DIRECTORY = "erofs"
 
 
 def create_root(reference: str, directory: str, *, store: str, cache_dir: str = DEFAULT_CACHE_DIR,
@@ -46,8 +37,9 @@ def create_root(reference: str, directory: str, *, store: str, cache_dir: str = 
                 keep_mounted: float | None = None, **mount_options: object) -> str:
     """Mount `reference` with a writable layer under `directory`; returns the root's path (`directory/rootfs`).
 
-    `hot`: stack the hot layer of the image's start-up profile, building it first (its chunks fetched) if this
-    host has none; a recording root (`record_profile`) gets none, the reads it records must reach FUSE. The cache
+    `hot`: stack the hot layer of the image's start-up profile, which the image's daemon fills while the root
+    runs if this host has none; a recording root (`record_profile`) gets none, the reads it records must reach
+    FUSE. The cache
     options and `mount_options` (prefetch) go to `coldbrew.fs.daemon.mount`.
     `keep_mounted`: stack the root on the host's shared read-only layers of the image (`coldbrew.fs.imagestack`,
     mounted now if none are), which stay mounted that many seconds after their last root is removed, so that the
@@ -121,44 +113,18 @@ def _mount_layers(reference: str, base: str, *, store: str, cache_dir: str, cach
     """Mount the image at `base/image` and its metadata image at `base/meta`: (meta or None, hot layer or None,
     image), the read-only layers of a root, top first.
 
-    A first start waits for the longest of its fetches, not their sum: the chunks that the profile lists for the
-    hot layer are fetched while the index is validated; once it is (the daemon then finds it in the cache,
-    validated), the daemon starts, the metadata image is fetched and the hot layer written at the same time.
+    The image's daemon brings the other layers here as well (`coldbrew.fs.daemon.mount`): the metadata image,
+    fetched while it validates the index, and the hot layer, which it fills while the root runs.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from .cache import ChunkCache, fetch_index, load_index
     from .daemon import mount
-    from .hotlayer import hot_layer as build_hot_layer
-    from .profile import profile_name
-    from .store import open_store
+    from .erofs import cached_image_path
 
     image, meta = os.path.join(base, "image"), os.path.join(base, "meta")
-    chunk_store = open_store(store)
-    try:
-        with ChunkCache(cache_dir, cache_size) as cache, ThreadPoolExecutor(4) as pool:
-            profiling = pool.submit(chunk_store.get_named, profile_name(reference)) if hot else None
-            # The index has the link to itself: everything waits for it. Its validation overlaps the chunks' fetch.
-            fetch_index(reference, chunk_store, cache)
-            if profiling is not None:
-                profiling = pool.submit(_fetch_listed_chunks, reference, profiling, chunk_store, cache)
-            index, mapped = load_index(reference, chunk_store, cache)
-            try:
-                mounting = pool.submit(mount, reference, image, store=store, cache_dir=cache_dir,
-                                       cache_size=cache_size, record_profile=record_profile, hot_layer=hot,
-                                       **mount_options)
-                fetching = pool.submit(_metadata_image, index, reference, chunk_store, cache.directory)
-                profile = profiling.result() if profiling is not None else None
-                hot_layer = build_hot_layer(index, reference, profile, chunk_store, cache) if profile else None
-                metadata = fetching.result()
-                mounting.result()
-            finally:
-                index.release()
-                mapped.close()
-    finally:
-        close = getattr(chunk_store, "close", None)
-        if close is not None:
-            close()
+    hot_layer = mount(reference, image, store=store, cache_dir=cache_dir, cache_size=cache_size,
+                      record_profile=record_profile, hot_layer=hot, metadata_image=True, **mount_options)
+    metadata = cached_image_path(os.path.abspath(cache_dir), reference)
+    if not os.path.exists(metadata):  # the store keeps none (or a bad one), or an earlier one did not mount
+        metadata = _make_metadata_image(reference, store, cache_dir, cache_size)
     error = mount_erofs(metadata, meta) if metadata is not None else errno.ENOENT
     if error not in (0, errno.ENOTBLK, errno.ENODEV, errno.ENOENT):
         # A damaged image file (a crash before it reached the disk): made again next time.
@@ -184,54 +150,34 @@ def _mount_root(merged: str, upper: str, work: str, layers: tuple[str | None, st
     return image
 
 
-def _metadata_image(index: Index, reference: str, store: ChunkStore, cache_directory: str) -> str | None:
-    """The image's EROFS metadata image on this host (fetched, or else written, when missing); None when the tree
-    holds what EROFS cannot express."""
+def _make_metadata_image(reference: str, store: str, cache_dir: str, cache_size: int) -> str | None:
+    """Fetch the image's EROFS metadata image, or else write it from the index; None when the tree holds what EROFS
+    cannot express."""
     from . import erofs
+    from .cache import ChunkCache, load_index
+    from .store import open_store
 
-    path = os.path.join(cache_directory, METADATA_DIRECTORY, reference)
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        if not _fetch_metadata_image(index, store, path):
+    chunk_store = open_store(store)
+    try:
+        with ChunkCache(cache_dir, cache_size) as cache:
+            index, mapped = load_index(reference, chunk_store, cache)  # validated by the daemon: from the cache
             try:
+                path = erofs.cached_image_path(cache.directory, reference)
+                if erofs.fetch_image(index, chunk_store, path):
+                    return path
+                os.makedirs(os.path.dirname(path), exist_ok=True)
                 erofs.write_image(index, path, erofs.redirect_paths(index))
+                return path
             except erofs.UnsupportedTree as error:
                 log.warning("image %s is served from FUSE alone: %s", reference, error)
                 return None
-    return path
-
-
-def _fetch_listed_chunks(reference: str, profiling: Future[bytes | None], store: ChunkStore,
-                         cache: ChunkCache) -> bytes | None:
-    """The image's start-up profile (None when the store has none), once the chunks it lists for the hot layer
-    are in the cache, as far as they can be fetched (the hot layer fetches what it lacks, and reports what fails)."""
-    from .hotlayer import fetch_listed_chunks
-
-    profile = profiling.result()
-    if profile:
-        try:
-            fetch_listed_chunks(reference, profile, store, cache)
-        except FsError as error:
-            log.info("fetching the hot layer's chunks ahead of the index of %s: %s", reference, error)
-    return profile
-
-
-def _fetch_metadata_image(index: Index, store: ChunkStore, path: str) -> bool:
-    """Save the EROFS image that the index names (pushed beside it) at `path`; False if there is none to use."""
-    from . import erofs, objects
-    from .index import MAX_INDEX_SIZE
-
-    named = index.metadata.get(erofs.INDEX_METADATA_KEY)
-    if not isinstance(named, dict) or named.get("tree") != index.body_digest().hex():
-        return False
-    name = str(named.get("image"))
-    try:
-        digest = objects.parse_reference(name)
-        erofs.save_image(objects.decode(digest, store.get(digest), MAX_INDEX_SIZE), path)
-    except FsError as error:  # missing or corrupt: written here instead
-        log.warning("the stored EROFS image %s is not used: %s", name, error)
-        return False
-    return True
+            finally:
+                index.release()
+                mapped.close()
+    finally:
+        close = getattr(chunk_store, "close", None)
+        if close is not None:
+            close()
 
 
 def remove_root(directory: str) -> None:

@@ -167,6 +167,7 @@ def test_outdated_stack_in_use_leaves_a_new_root_its_own_layers(roots: Roots, tm
     first = roots.create(reference, "first")
     (stack,) = roots.stacks
     hot = _lower(first).split("::")[1]
+    wait_until(lambda: os.path.exists(hot + ".complete"))  # its daemon no longer writes to it
     shutil.rmtree(hot)  # evicted from the cache (the eviction itself spares a stacked layer)
     second = roots.create(reference, "second")
     assert not os.path.islink(tmp_path / "second" / "image")

@@ -621,6 +621,17 @@ def roots(tmp_path: Path):
     assert not mounts_below(os.path.realpath(tmp_path))
 
 
+def filled(image: Path, timeout: float = 20.0) -> dict:
+    """The stats of a root's image mount once its daemon has done filling the hot layer and prefetching."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = mount_stats(str(image))
+        if stats["prefetch_done"] and (stats["hot_layer_complete"] or stats["hot_files_failed"]):
+            return stats
+        assert time.monotonic() < deadline, f"the hot layer is not filled after {timeout} s: {stats}"
+        time.sleep(0.02)
+
+
 def _lower_layers(rootfs: Path) -> list[str]:
     options = next(entry.options for entry in mount_table() if entry.point == str(rootfs))
     lowerdir = next(option for option in options.split(",") if option.startswith("lowerdir="))
@@ -711,6 +722,11 @@ def test_hot_layer_serves_the_files_a_start_reads_whole(roots, tmp_path: Path) -
     rootfs = roots(reference, "hot", cache=cold)
     meta, hot, image = _lower_layers(rootfs)
     assert hot.startswith(str(cold / "hot" / reference))
+    # The daemon fills the layer while the root runs; a file it has not written yet is read through FUSE.
+    assert (rootfs / "lib/module4.py").read_bytes() == whole["lib/module4.py"]
+    stats = filled(tmp_path / "hot" / "image")
+    assert stats["hot_layer_complete"] and os.path.exists(hot + ".complete")
+    assert stats["hot_files_written"] == len(whole)
     hot_files = sorted(os.path.relpath(os.path.join(d, f), hot) for d, _, files in os.walk(hot) for f in files)
     assert hot_files == sorted(whole)
     for name, content in whole.items():
@@ -720,9 +736,6 @@ def test_hot_layer_serves_the_files_a_start_reads_whole(roots, tmp_path: Path) -
     digest = objects.digest_of(whole["lib/module1.py"])
     assert (module.st_ino, module.st_nlink) == (os.stat(cold / "chunks" / digest.hex()[:2] / digest.hex()).st_ino, 2)
     assert os.stat(Path(hot) / "lib/big-read-whole").st_nlink == 1
-    deadline = time.monotonic() + 20
-    while not (stats := mount_stats(str(tmp_path / "hot" / "image")))["prefetch_done"] and time.monotonic() < deadline:
-        time.sleep(0.02)
     # The daemon prefetches only what the hot layer does not hold: the chunks of library.so the start read.
     index = Index(objects.decode(bytes.fromhex(reference), (tmp_path / "store" / object_path(
         bytes.fromhex(reference))).read_bytes(), 1 << 20))
@@ -733,15 +746,44 @@ def test_hot_layer_serves_the_files_a_start_reads_whole(roots, tmp_path: Path) -
     for name, content in whole.items():
         assert (rootfs / name).read_bytes() == content
     assert (rootfs / "module0-link").read_bytes() == whole["lib/module0.py"]
-    assert mount_stats(str(tmp_path / "hot" / "image"))["reads"] == stats["reads"]  # none reached FUSE
+    # Only module4.py, read before it was in the layer, reached FUSE.
+    assert mount_stats(str(tmp_path / "hot" / "image"))["reads"] == stats["reads"]
     assert (rootfs / "lib/library.so").read_bytes() == (tree / "lib/library.so").read_bytes()
     assert (rootfs / "unread").read_bytes() == b"never read at start"
     assert mount_stats(str(tmp_path / "hot" / "image"))["reads"] > stats["reads"]
 
-    # A second root on the host stacks the same layer, built once.
+    # A second root on the host stacks the same layer, complete: its daemon writes nothing.
     second = roots(reference, "second", cache=cold)
     assert _lower_layers(second)[1] == hot
-    assert os.listdir(cold / "hot") == [os.path.basename(hot)]
+    assert filled(tmp_path / "second" / "image")["hot_files_written"] == 0
+    assert sorted(os.listdir(cold / "hot")) == [os.path.basename(hot), os.path.basename(hot) + ".complete"]
+
+
+def test_hot_layer_left_incomplete_is_completed(roots, tmp_path: Path) -> None:
+    """A daemon killed while it filled a layer leaves whole files and no marker: the next one writes the rest."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    files = {f"file{k}": os.urandom(3000 + k) for k in range(4)}
+    for name, content in files.items():
+        (tree / name).write_bytes(content)
+    reference = push(str(tree), LocalStore(str(tmp_path / "store")), chunk_size=SMALL_CHUNK).reference
+    recording = roots(reference, "record", record_profile=True)
+    for name in files:
+        (recording / name).read_bytes()
+    remove_root(str(tmp_path / "record"))
+    hot = _lower_layers(roots(reference, "first"))[1]
+    filled(tmp_path / "first" / "image")
+    remove_root(str(tmp_path / "first"))
+    os.unlink(hot + ".complete")
+    for name in ("file1", "file3"):
+        os.unlink(os.path.join(hot, name))
+    rootfs = roots(reference, "second")
+    assert _lower_layers(rootfs)[1] == hot
+    stats = filled(tmp_path / "second" / "image")
+    assert (stats["hot_files_written"], stats["hot_layer_complete"]) == (2, True)
+    assert sorted(os.listdir(hot)) == sorted(files)
+    for name, content in files.items():
+        assert (rootfs / name).read_bytes() == content
 
 
 def test_hot_layer_of_another_boot_is_never_used(roots, tmp_path: Path) -> None:
@@ -753,41 +795,75 @@ def test_hot_layer_of_another_boot_is_never_used(roots, tmp_path: Path) -> None:
     (roots(reference, "record", record_profile=True) / "file").read_bytes()
     remove_root(str(tmp_path / "record"))
     hot = _lower_layers(roots(reference, "first"))[1]
+    filled(tmp_path / "first" / "image")
     remove_root(str(tmp_path / "first"))
     earlier_boot = hot[:-12] + "0" * 12
     os.rename(hot, earlier_boot)
+    os.rename(hot + ".complete", earlier_boot + ".complete")
     rootfs = roots(reference, "second")
     assert _lower_layers(rootfs)[1] == hot
-    assert not os.path.exists(earlier_boot)
+    assert not os.path.exists(earlier_boot) and not os.path.exists(earlier_boot + ".complete")
+    assert filled(tmp_path / "second" / "image")["hot_files_written"] == 1
     assert (rootfs / "file").read_bytes() == (tree / "file").read_bytes()
 
 
-def test_hot_layer_build_leaves_nothing_half_made(roots, tmp_path: Path) -> None:
+def test_hot_layer_eviction_spares_the_layers_daemons_hold(tmp_path: Path) -> None:
+    from coldbrew.fs.hotlayer import HotLayer, _evict
+
+    held = HotLayer(str(tmp_path), "a" * 64, b"one profile")
+    idle = HotLayer(str(tmp_path), "b" * 64, b"another profile")
+    for layer in (held, idle):
+        (Path(layer.path) / "file").write_bytes(os.urandom(8192))
+        Path(layer.path + ".complete").touch()
+    idle.close()
+    _evict(held.root, 0, keep=str(tmp_path / "none"))
+    assert os.path.exists(held.path + ".complete") and os.listdir(held.path) == ["file"]
+    assert not os.path.exists(idle.path) and not os.path.exists(idle.path + ".complete")
+    held.close()
+    again = HotLayer(str(tmp_path), "b" * 64, b"another profile")  # made again, empty and incomplete
+    try:
+        assert (again.path, again.complete, os.listdir(again.path)) == (idle.path, False, [])
+    finally:
+        again.close()
+
+
+def test_hot_layer_without_a_chunk_leaves_its_file_to_fuse(roots, tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "file").write_bytes(os.urandom(5000))
+    (tree / "other").write_bytes(os.urandom(5000))
     store = LocalStore(str(tmp_path / "store"))
     reference = push(str(tree), store, chunk_size=SMALL_CHUNK).reference
     rootfs = roots(reference, "record", record_profile=True)
     (rootfs / "file").read_bytes()
+    (rootfs / "other").read_bytes()
     remove_root(str(tmp_path / "record"))
-    chunk = Index(objects.decode(bytes.fromhex(reference), store.get(bytes.fromhex(reference)), 1 << 20)).chunks(2)[0]
+    index = Index(objects.decode(bytes.fromhex(reference), store.get(bytes.fromhex(reference)), 1 << 20))
+    chunk = index.chunks(index.lookup(1, b"file"))[0]
     cache = tmp_path / "cold-cache"  # the recording's cache holds the chunk: this one must fetch it
     (cache / "hot").mkdir(parents=True)
-    abandoned = cache / "hot" / f".building-{2 ** 22 + 1}-{reference}-x"  # a builder killed half-way
+    abandoned = cache / "hot" / f".building-{2 ** 22 + 1}-{reference}-x"  # a daemon killed half-way
     (abandoned / "file").parent.mkdir(parents=True)
-    # A corrupt chunk in the store: the build fails, naming it, and leaves no layer behind.
+    # A corrupt chunk in the store: the root starts, its file is left out of the layer, and reading it fails.
     good = (tmp_path / "store" / object_path(chunk.digest)).read_bytes()
     (tmp_path / "store" / object_path(chunk.digest)).write_bytes(good[:-3] + b"bad")
-    with pytest.raises(FsError, match=chunk.digest.hex()):
-        roots(reference, "broken", cache=cache)
-    assert not abandoned.exists()
-    assert [name for name in os.listdir(cache / "hot") if not name.startswith(".")] == []
-    assert not (tmp_path / "broken").exists()
+    broken = roots(reference, "broken", cache=cache)
+    hot = _lower_layers(broken)[1]
+    stats = filled(tmp_path / "broken" / "image")
+    assert (stats["hot_files_written"], stats["hot_files_failed"], stats["hot_layer_complete"]) == (1, 1, False)
+    assert not abandoned.exists() and not os.path.exists(hot + ".complete")
+    assert os.listdir(hot) == ["other"]
+    with pytest.raises(OSError) as error:
+        (broken / "file").read_bytes()
+    assert error.value.errno == errno.EIO
+    assert chunk.digest.hex() in Path(stats["log"]).read_text()
+    assert (broken / "other").read_bytes() == (tree / "other").read_bytes()
     (tmp_path / "store" / object_path(chunk.digest)).write_bytes(good)
     rootfs = roots(reference, "fixed", cache=cache)
+    assert _lower_layers(rootfs)[1] == hot
+    assert filled(tmp_path / "fixed" / "image")["hot_layer_complete"]
+    assert sorted(os.listdir(hot)) == ["file", "other"]
     assert (rootfs / "file").read_bytes() == (tree / "file").read_bytes()
-    assert len(_lower_layers(rootfs)) == 3
 
 
 def test_tree_erofs_cannot_express_is_served_from_fuse(roots, tmp_path: Path) -> None:
