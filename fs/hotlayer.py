@@ -121,7 +121,7 @@ class HotLayer:
                 try:
                     await _write_file(temporary, whole[ino], index.file_size(ino), fetcher, cache)
                     await trio.to_thread.run_sync(_place, temporary, destination)
-                except (pyfuse3.FUSEError, OSError) as error:  # a chunk not had: logged by the fetcher
+                except (pyfuse3.FUSEError, OSError) as error:  # a chunk not had is logged by the fetcher too
                     self.files_failed += 1
                     log.warning("hot layer %s: %s is left to the lazy mount: %r", self.name, os.fsdecode(path),
                                 error)
@@ -141,7 +141,6 @@ class HotLayer:
             log.exception("filling hot layer %s", self.path)
         finally:
             await trio.to_thread.run_sync(functools.partial(shutil.rmtree, scratch, ignore_errors=True))
-
 
     def _files_read_whole(self, index: Index) -> dict[int, list[Chunk]]:
         return files_read_whole(parse_profile(self._profile_data, index), index)
