@@ -52,7 +52,7 @@ _XATTR_WHOLE = {b"system.posix_acl_access": 2, b"system.posix_acl_default": 3}
 _OVERLAY_PREFIX = b"trusted.overlay."
 # The index header's entry naming the stored image's digest (`push` writes it).
 INDEX_METADATA_KEY = "erofs"
-# Where a chunk cache keeps the images of its images, named by the image reference.
+# A chunk cache's directory of metadata images, each named by its image's reference.
 CACHE_DIRECTORY = "erofs"
 METACOPY = b"trusted.overlay.metacopy"
 REDIRECT = b"trusted.overlay.redirect"

@@ -39,8 +39,7 @@ def create_root(reference: str, directory: str, *, store: str, cache_dir: str = 
 
     `hot`: stack the hot layer of the image's start-up profile, which the image's daemon fills while the root
     runs if this host has none; a recording root (`record_profile`) gets none, the reads it records must reach
-    FUSE. The cache
-    options and `mount_options` (prefetch) go to `coldbrew.fs.daemon.mount`.
+    FUSE. The cache options and `mount_options` (prefetch) go to `coldbrew.fs.daemon.mount`.
     `keep_mounted`: stack the root on the host's shared read-only layers of the image (`coldbrew.fs.imagestack`,
     mounted now if none are), which stay mounted that many seconds after their last root is removed, so that the
     next root of the image is one overlay mount; `directory/image` and `directory/meta` are then links to them.
