@@ -170,17 +170,19 @@ class ChunkFetcher:
         try:
             if background:
                 async with self._background:
-                    stored, raw = await trio.to_thread.run_sync(self._get_or_fetch, digest, length,
-                                                                limiter=self._limiter)
+                    stored, raw, cached = await trio.to_thread.run_sync(self._get_or_fetch, digest, length,
+                                                                        limiter=self._limiter)
             else:
-                stored, raw = await trio.to_thread.run_sync(self._get_or_fetch, digest, length, limiter=self._limiter)
+                stored, raw, cached = await trio.to_thread.run_sync(self._get_or_fetch, digest, length,
+                                                                    limiter=self._limiter)
         except (FsError, OSError):
             self.cache_misses += 1
             self.fetch_errors += 1
             raise
+        if cached:
+            self._remember_cached(digest)
         if not stored:
             self.cache_hits += 1
-            self._remember_cached(digest)
             return raw
         self.cache_misses += 1
         self.bytes_fetched += stored
@@ -190,13 +192,13 @@ class ChunkFetcher:
             self.background_fetched += 1
         return raw
 
-    def _get_or_fetch(self, digest: bytes, length: int) -> tuple[int, bytes]:
-        """(stored size, raw data) of a chunk, the size 0 when it came from the cache; else it came from the store,
-        verified, and is in the cache before its flight ends (a later reader finds it there, never fetches it
-        twice). Runs on a worker thread."""
+    def _get_or_fetch(self, digest: bytes, length: int) -> tuple[int, bytes, bool]:
+        """(stored size, raw data, whether the cache holds it) of a chunk, the size 0 when it came from the cache;
+        else it came from the store, verified, and is put into the cache before its flight ends (a later reader
+        finds it there, never fetches it twice). Runs on a worker thread."""
         cached = self._cache.get(digest)
         if cached is not None and len(cached) == length:
-            return 0, cached
+            return 0, cached, True
         try:
             stored = self._store.get(digest)
             raw = objects.decode(digest, stored, length)
@@ -209,4 +211,5 @@ class ChunkFetcher:
             self._cache.put(digest, raw)
         except (FsError, OSError) as error:  # a full or broken cache costs speed, not the read
             log.warning("chunk %s: not cached: %s", digest.hex(), error)
-        return len(stored), raw
+            return len(stored), raw, False
+        return len(stored), raw, True

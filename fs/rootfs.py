@@ -122,8 +122,8 @@ def _mount_layers(reference: str, base: str, *, store: str, cache_dir: str, cach
     hot_layer = mount(reference, image, store=store, cache_dir=cache_dir, cache_size=cache_size,
                       record_profile=record_profile, hot_layer=hot, metadata_image=True, **mount_options)
     metadata = cached_image_path(os.path.abspath(cache_dir), reference)
-    if not os.path.exists(metadata):  # the store keeps none (or a bad one), or an earlier one did not mount
-        metadata = _make_metadata_image(reference, store, cache_dir, cache_size)
+    if not os.path.exists(metadata):  # the store keeps none the daemon could use, or an earlier one did not mount
+        metadata = _write_metadata_image(reference, store, cache_dir, cache_size)
     error = mount_erofs(metadata, meta) if metadata is not None else errno.ENOENT
     if error not in (0, errno.ENOTBLK, errno.ENODEV, errno.ENOENT):
         # A damaged image file (a crash before it reached the disk): made again next time.
@@ -149,9 +149,9 @@ def _mount_root(merged: str, upper: str, work: str, layers: tuple[str | None, st
     return image
 
 
-def _make_metadata_image(reference: str, store: str, cache_dir: str, cache_size: int) -> str | None:
-    """Fetch the image's EROFS metadata image, or else write it from the index; None when the tree holds what EROFS
-    cannot express."""
+def _write_metadata_image(reference: str, store: str, cache_dir: str, cache_size: int) -> str | None:
+    """Write the image's EROFS metadata image from the index (the daemon fetched the stored one, if it could);
+    None when the tree holds what EROFS cannot express."""
     from . import erofs
     from .cache import ChunkCache, load_index
     from .store import open_store
@@ -162,8 +162,6 @@ def _make_metadata_image(reference: str, store: str, cache_dir: str, cache_size:
             index, mapped = load_index(reference, chunk_store, cache)  # validated by the daemon: from the cache
             try:
                 path = erofs.cached_image_path(cache.directory, reference)
-                if erofs.fetch_image(index, chunk_store, path):
-                    return path
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 erofs.write_image(index, path, erofs.redirect_paths(index))
                 return path
