@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import lmdb
 
 from . import objects
-from .errors import BadReference, ChunkMissing, CorruptChunk, FsError
+from .errors import BadIndex, BadReference, ChunkMissing, CorruptChunk, FsError
 from .index import MAX_INDEX_SIZE, Index
 from .objects import DIGEST_SIZE, digest_of
 
@@ -674,12 +674,44 @@ def open_index(reference: str, store: ChunkStore, cache: ChunkCache) -> tuple[In
         raise
 
 
-def validate_index(reference: str, index: Index, cache: ChunkCache) -> None:
-    """Validate an image's index unless the cache remembers it valid (raises BadIndex)."""
+def validate_index(reference: str, index: Index, cache: ChunkCache, *, in_child: bool = False) -> None:
+    """Validate an image's index unless the cache remembers it valid (raises BadIndex). `in_child`: in a forked
+    child process, so that a process whose other threads are busy (a mount's daemon fetching while it validates)
+    validates on a CPU of its own, not in turns with them under the GIL."""
     digest = objects.parse_reference(reference)
     if not cache.is_index_validated(digest):
-        index.validate()
+        if in_child:
+            _validate_in_child(index)
+        else:
+            index.validate()
         cache.mark_index_validated(digest)
+
+
+def _validate_in_child(index: Index) -> None:
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child validates and exits; it touches nothing the parent's other threads may hold
+        status = 0
+        try:
+            index.validate()
+        except BadIndex as error:
+            os.write(write_end, f"{error.where}\0{error.message}".encode())
+            status = 1
+        except BaseException as error:
+            os.write(write_end, f"\0cannot be validated: {error!r}".encode())
+            status = 1
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end, "rb", closefd=False) as pipe:
+            answer = pipe.read()
+        status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    finally:
+        os.close(read_end)
+    if status:
+        where, _, message = answer.decode(errors="replace").partition("\0")
+        raise BadIndex(where, message or f"its validating process ended with status {status}")
 
 
 def load_index(reference: str, store: ChunkStore, cache: ChunkCache) -> tuple[Index, mmap.mmap]:

@@ -5,8 +5,10 @@ and waits on a pipe until the image is mounted and the kernel's INIT is answered
 The FUSE server is never the caller's thread: a FUSE server that touches its own mount deadlocks.
 
 The daemon fetches and validates the index itself, so a first start's fetches all happen in one process, each
-chunk once: for a container root it also brings the root's other layers onto the host (the EROFS metadata image,
-fetched while the index is validated, and the hot layer, which it fills while the root already runs).
+chunk once: the chunks of the image's start-up profile come in a few large requests (ranges of the profile's pack)
+while it validates the index, and for a container root it also brings the root's other layers onto the host (the
+EROFS metadata image, fetched while the index is validated, and the hot layer, which it fills while the root
+already runs). The index is validated in a child process: a CPU of its own, not the GIL in turns with the fetches.
 
 Per mount, under /run/coldbrew/fs/ (named by a hash of the mount point): `KEY.json` (pid, mount point, image),
 `KEY.sock` (a control socket: `stats`, `save-profile`) and `KEY.log` (the daemon's log: fetch errors name the
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -465,6 +468,10 @@ class _Server:
         import pyfuse3
         import trio
 
+        # Worker threads (fetches, decompression, cache writes) run mostly without the GIL and need it back for
+        # moments: the default 5 ms interval lets the loop's Python hold them up that long each time.
+        sys.setswitchinterval(0.0005)
+
         code = 0
         failure: FsError | None = None
         try:
@@ -536,8 +543,8 @@ class _Server:
     async def _mount(self, nursery: trio.Nursery) -> None:
         """Fetch and validate the index and mount it; with --hot-layer and --metadata-image, also bring the root's
         other layers here. A first start waits for the longest fetch, not their sum: the index has the link to
-        itself (everything waits for it), then the hot layer's chunks and the metadata image are fetched while
-        it is validated."""
+        itself (everything waits for it), then the profile's pack and the metadata image are fetched while it is
+        validated."""
         import pyfuse3
         import trio
 
@@ -556,13 +563,15 @@ class _Server:
             nursery.start_soon(self._fetch_metadata_image, metadata_image, metadata_fetched)
         else:
             metadata_fetched.set()
-        if self.args.hot_layer:
+        if self.profile_fetched is not None:
             await self.profile_fetched.wait()
-            if self.profile_data:
-                self.hot_layer = await trio.to_thread.run_sync(HotLayer, self.cache.directory, self.reference,
-                                                               self.profile_data)
-                nursery.start_soon(self.hot_layer.fetch_listed_chunks, self.fetcher)
-        await trio.to_thread.run_sync(validate_index, self.reference, self.index, self.cache)
+        if self.args.hot_layer and self.profile_data:
+            self.hot_layer = await trio.to_thread.run_sync(HotLayer, self.cache.directory, self.reference,
+                                                           self.profile_data)
+        if self.profile_data:
+            nursery.start_soon(self._fetch_pack)
+        await trio.to_thread.run_sync(functools.partial(validate_index, self.reference, self.index, self.cache,
+                                                        in_child=True))
         await metadata_fetched.wait()
         self.index_seconds = time.monotonic() - self.started
         self.fs = ImageFs(self.index, self.fetcher, recorder=self.recorder)
@@ -593,14 +602,28 @@ class _Server:
     async def _fetch_profile(self) -> None:
         import trio
 
-        from .profile import profile_name
+        from .profile import fetch_head
 
         try:
-            self.profile_data = await trio.to_thread.run_sync(self.store.get_named, profile_name(self.reference))
+            self.profile_data = await trio.to_thread.run_sync(fetch_head, self.store, self.reference)
         except (FsError, OSError) as error:  # a profile is an optimisation: the mount goes on without one
             log.warning("start-up profile of %s not used: %s", self.reference, error)
         finally:
             self.profile_fetched.set()
+
+    async def _fetch_pack(self) -> None:
+        """The profile's chunks that this start needs, from its pack: a hot layer's (unless it is complete) and,
+        with prefetch, the rest. They need no index: this runs while the index is validated."""
+        from .profile import packed_chunks, profile_name
+
+        prefetch = not self.args.no_prefetch
+        hot = prefetch if self.hot_layer is None else not self.hot_layer.complete
+        try:
+            chunks = [chunk for chunk in packed_chunks(self.profile_data) if (hot if chunk.hot else prefetch)]
+            await self.fetcher.fetch_packed(chunks, functools.partial(self.store.read_named,
+                                                                      profile_name(self.reference)))
+        except Exception:  # an optimisation: it must never take the mount down
+            log.exception("fetching the pack of the start-up profile of %s", self.reference)
 
     async def _fuse_main(self, scope) -> None:
         import pyfuse3
@@ -726,14 +749,29 @@ class _Server:
         count = len(self.recorder)
         from .profile import profile_name
 
-        data = self.recorder.serialize(self.index)
         try:
+            data = self.recorder.serialize(self.index, self._stored_chunk)
             self.store.put_named(profile_name(self.reference), data)
         except Exception as error:  # any store failure: reported, never fatal to the unmount
             log.error("cannot save the start-up profile of %s: %s", self.reference, error)
             raise FsError(f"cannot save the start-up profile: {error}") from None
         log.info("saved a start-up profile of %d chunks for %s", count, self.reference)
         return count
+
+    def _stored_chunk(self, chunk: Chunk) -> bytes | None:
+        """A chunk's stored bytes for the profile's pack: compressed from the cache, else from the store."""
+        from . import objects
+
+        raw = self.cache.get(chunk.digest)
+        if raw is not None and len(raw) == chunk.length:
+            return objects.compress(raw)
+        try:
+            stored = self.store.get(chunk.digest)
+            objects.decode(chunk.digest, stored, chunk.length)
+        except (FsError, OSError) as error:
+            log.warning("chunk %s is left out of the profile's pack: %s", chunk.digest.hex(), error)
+            return None
+        return stored
 
     def _profile_to_prefetch(self) -> list[tuple[int, Chunk]]:
         """The profile's chunks, less those of the files the hot layer holds (its daemon writes them)."""

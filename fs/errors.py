@@ -12,6 +12,7 @@ class BadIndex(FsError):
 
     def __init__(self, where: str, message: str) -> None:
         self.where = where
+        self.message = message
         super().__init__(f"image index: {where}: {message}" if where else f"image index: {message}")
 
 

@@ -1,4 +1,5 @@
 """Chunk fetching for a mount: the local cache first, else the store, once per chunk however many readers wait.
+A start-up profile's chunks come in a few large requests instead (`fetch_packed`): ranges of the profile's pack.
 
 Runs on trio. Everything that blocks (the cache's files and lmdb, the store's I/O, zstd and blake3, which release
 the GIL) runs on worker threads; store fetches are bounded by a capacity limiter, and background fetches
@@ -12,8 +13,10 @@ again and works once the store is back.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 from collections import OrderedDict
+from typing import Callable
 
 import pyfuse3
 import trio
@@ -21,7 +24,8 @@ import trio
 from . import objects
 from .cache import ChunkCache
 from .errors import FsError
-from .store import ChunkStore
+from .profile import PackedChunk
+from .store import ByteStream, ChunkStore
 
 log = logging.getLogger("coldbrew.fs")
 
@@ -30,6 +34,14 @@ _KNOWN_CACHED_LIMIT = 1 << 20
 # Chunks loaded ahead of a sequential reader wait in memory, up to this many bytes: a warm sequential read is
 # then served from memory while the next chunks' files are read from disk in parallel.
 AHEAD_BYTES = 64 << 20
+# A pack is read in ranges of about this many bytes, PACK_STREAMS at a time, in order. On the benchmark's shaped
+# link, 10.6 MB came in 288 ms as 166 chunk GETs on 16 connections, 205-244 ms as one GET, 128-156 ms as two.
+PACK_STREAMS = 2
+PACK_RANGE_BYTES = 4 << 20
+PACK_MIN_RANGE_BYTES = 256 << 10  # less is not worth a request of its own
+# Chunks a range does not want (cached already) are read and dropped when fewer bytes than this lie between
+# wanted ones; a longer gap ends the range.
+PACK_GAP_BYTES = 1 << 20
 
 
 class _Flight:
@@ -66,6 +78,8 @@ class ChunkFetcher:
         self.fetch_errors = 0
         self.background_fetched = 0
         self.ahead_hits = 0  # reads served from chunks loaded ahead (those loads count as cache hits or fetches)
+        self.packed_chunks = 0  # chunks fetched in ranges of a profile's pack (counted in chunks_fetched too)
+        self.pack_ranges = 0
 
     def attach(self, nursery: trio.Nursery) -> None:
         """Where background work (read-ahead) runs; without one, read-ahead is skipped."""
@@ -75,6 +89,7 @@ class ChunkFetcher:
         return {"bytes_fetched": self.bytes_fetched, "chunk_bytes_fetched": self.chunk_bytes_fetched,
                 "chunks_fetched": self.chunks_fetched, "cache_hits": self.cache_hits,
                 "cache_misses": self.cache_misses, "fetch_errors": self.fetch_errors, "ahead_hits": self.ahead_hits,
+                "packed_chunks": self.packed_chunks, "pack_ranges": self.pack_ranges,
                 "fetches_in_flight": len(self._flights)}
 
     async def read(self, digest: bytes, length: int, offset: int, size: int) -> bytes | memoryview:
@@ -95,27 +110,107 @@ class ChunkFetcher:
         flight = self._flights.get(digest)
         if flight is None:
             flight = self._flights[digest] = _Flight()
-            try:
-                flight.data = await self._load(digest, length, background)
-            except Exception as error:  # already logged when the store failed; anything else is logged here
-                if not isinstance(error, (FsError, OSError)):
-                    log.error("chunk %s: %r", digest.hex(), error)
-                flight.error = error
-            except BaseException as error:  # cancelled: the waiters must still wake
-                flight.error = error
-                raise
-            finally:
-                del self._flights[digest]
-                flight.done.set()
-            if flight.error is not None:
-                raise pyfuse3.FUSEError(errno.EIO) from flight.error
-            assert flight.data is not None
-            return flight.data
-        await flight.done.wait()
+            await self._fly(digest, length, flight, background)
+        else:
+            await flight.done.wait()
         if flight.error is not None:
-            raise pyfuse3.FUSEError(errno.EIO)
+            raise pyfuse3.FUSEError(errno.EIO) from flight.error
         assert flight.data is not None
         return flight.data
+
+    async def _fly(self, digest: bytes, length: int, flight: _Flight, background: bool) -> None:
+        """Load the chunk of a flight, then end the flight (its waiters see the data or the error)."""
+        try:
+            data = await self._load(digest, length, background)
+        except Exception as error:  # already logged when the store failed; anything else is logged here
+            if not isinstance(error, (FsError, OSError)):
+                log.error("chunk %s: %r", digest.hex(), error)
+            self._land(digest, flight, error=error)
+        except BaseException as error:  # cancelled: the waiters must still wake
+            self._land(digest, flight, error=error)
+            raise
+        else:
+            self._land(digest, flight, data)
+
+    def _land(self, digest: bytes, flight: _Flight, data: bytes | None = None,
+              error: BaseException | None = None) -> None:
+        del self._flights[digest]
+        flight.data, flight.error = data, error
+        flight.done.set()
+
+    async def fetch_packed(self, chunks: list[PackedChunk],
+                           read_range: Callable[[int, int], ByteStream | None]) -> None:
+        """Fetch those of `chunks` that are neither cached nor in flight from the file they are packed in, in
+        ranges (`read_range(start, end)`, PACK_STREAMS at a time, in order): each chunk is verified and cached as it
+        arrives, and its readers wake then. A chunk that no range delivered (the stream broke, its bytes were
+        corrupt) is fetched alone."""
+        cached = await trio.to_thread.run_sync(self._cached_among, [chunk.digest for chunk in chunks])
+        wanted: dict[bytes, PackedChunk] = {}
+        for chunk in chunks:
+            if chunk.digest not in cached and chunk.digest not in self._flights and chunk.digest not in wanted:
+                wanted[chunk.digest] = chunk
+        flights = {digest: self._flights.setdefault(digest, _Flight()) for digest in wanted}
+        pending = iter(_ranges(list(wanted.values())))
+        # Each chunk lands on this loop without its stream waiting for the loop (a busy loop would stall it); the
+        # landings run in order, before the stream's thread is seen to have returned.
+        land = functools.partial(trio.lowlevel.current_trio_token().run_sync_soon, self._land_packed, flights)
+
+        async def read_ranges() -> None:
+            for piece in pending:  # shared: each range goes to one stream
+                self.pack_ranges += 1
+                await trio.to_thread.run_sync(self._receive, piece, read_range, land, limiter=self._limiter)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(PACK_STREAMS):
+                    nursery.start_soon(read_ranges)
+            async with trio.open_nursery() as nursery:
+                for digest, flight in list(flights.items()):
+                    del flights[digest]
+                    nursery.start_soon(self._fly, digest, wanted[digest].length, flight, True)
+        finally:
+            for digest, flight in flights.items():  # cancelled before they were had: their waiters must wake
+                self._land(digest, flight, error=FsError("the fetch of the profile's pack was cancelled"))
+
+    def _receive(self, piece: list[PackedChunk], read_range: Callable[[int, int], ByteStream | None],
+                 land: Callable[..., None]) -> None:
+        """Read one range of a pack: verify, cache and land each chunk of `piece` (a worker thread)."""
+        start, end = piece[0].offset, piece[-1].offset + piece[-1].stored
+        try:
+            stream = read_range(start, end)
+            if stream is None:
+                raise FsError("the store has no such profile any more")
+        except (FsError, OSError) as error:
+            log.warning("profile's pack [%d, %d): %s; its chunks are fetched alone", start, end, error)
+            return
+        try:
+            position = start
+            for chunk in piece:
+                _read_exactly(stream, chunk.offset - position)  # chunks this range does not want
+                stored = _read_exactly(stream, chunk.stored)
+                position = chunk.offset + chunk.stored
+                try:
+                    raw = _verified(chunk.digest, stored, chunk.length)
+                except FsError as error:
+                    log.error("chunk %s: in the profile's pack: %s; fetched alone", chunk.digest.hex(), error)
+                    continue
+                cached = self._put(chunk.digest, raw)
+                land(chunk.digest, raw, len(stored), cached)
+        except (FsError, OSError) as error:
+            log.warning("profile's pack [%d, %d): %s; the rest of its chunks are fetched alone", start, end, error)
+        finally:
+            stream.close()
+
+    def _land_packed(self, flights: dict[bytes, _Flight], digest: bytes, raw: bytes, stored: int,
+                     cached: bool) -> None:
+        self._count_fetched(len(raw), stored, background=True)
+        self.packed_chunks += 1
+        if cached:
+            self._remember_cached(digest)
+        self._land(digest, flights.pop(digest), raw)
+
+    def _cached_among(self, digests: list[bytes]) -> set[bytes]:
+        return {digest for digest in digests if digest in self._known_cached or digest in self._cache}
 
     async def is_cached(self, digest: bytes) -> bool:
         if digest in self._known_cached:
@@ -184,13 +279,16 @@ class ChunkFetcher:
         if not stored:
             self.cache_hits += 1
             return raw
+        self._count_fetched(len(raw), stored, background)
+        return raw
+
+    def _count_fetched(self, length: int, stored: int, background: bool) -> None:
         self.cache_misses += 1
         self.bytes_fetched += stored
-        self.chunk_bytes_fetched += len(raw)
+        self.chunk_bytes_fetched += length
         self.chunks_fetched += 1
         if background:
             self.background_fetched += 1
-        return raw
 
     def _get_or_fetch(self, digest: bytes, length: int) -> tuple[int, bytes, bool]:
         """(stored size, raw data, whether the cache holds it) of a chunk, the size 0 when it came from the cache;
@@ -201,15 +299,53 @@ class ChunkFetcher:
             return 0, cached, True
         try:
             stored = self._store.get(digest)
-            raw = objects.decode(digest, stored, length)
-            if len(raw) != length:
-                raise FsError(f"holds {len(raw)} bytes, the index says {length}")
+            raw = _verified(digest, stored, length)
         except (FsError, OSError) as error:
             log.error("chunk %s: fetch from %s failed: %s", digest.hex(), self._store.describe(), error)
             raise
+        return len(stored), raw, self._put(digest, raw)
+
+    def _put(self, digest: bytes, raw: bytes) -> bool:
+        """Cache a verified chunk; whether the cache holds it now."""
         try:
             self._cache.put(digest, raw)
         except (FsError, OSError) as error:  # a full or broken cache costs speed, not the read
             log.warning("chunk %s: not cached: %s", digest.hex(), error)
-            return len(stored), raw, False
-        return len(stored), raw, True
+            return False
+        return True
+
+
+def _verified(digest: bytes, stored: bytes, length: int) -> bytes:
+    raw = objects.decode(digest, stored, length)
+    if len(raw) != length:
+        raise FsError(f"holds {len(raw)} bytes, the index says {length}")
+    return raw
+
+
+def _ranges(chunks: list[PackedChunk]) -> list[list[PackedChunk]]:
+    """`chunks` (in pack order) grouped into ranges to read: about PACK_RANGE_BYTES each, or less so that every
+    stream has one; a range ends where a gap of PACK_GAP_BYTES or more follows."""
+    total = sum(chunk.stored for chunk in chunks)
+    target = min(PACK_RANGE_BYTES, max(PACK_MIN_RANGE_BYTES, total // PACK_STREAMS))
+    ranges: list[list[PackedChunk]] = []
+    size = end = 0
+    for chunk in chunks:
+        if ranges and size < target and chunk.offset - end < PACK_GAP_BYTES:
+            ranges[-1].append(chunk)
+        else:
+            ranges.append([chunk])
+            size = 0
+        size += chunk.stored
+        end = chunk.offset + chunk.stored
+    return ranges
+
+
+def _read_exactly(stream: ByteStream, size: int) -> bytes:
+    parts = []
+    while size:
+        part = stream.read(size)
+        if not part:
+            raise FsError(f"the range ends {size} bytes early")
+        parts.append(part)
+        size -= len(part)
+    return b"".join(parts)

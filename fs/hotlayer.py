@@ -7,8 +7,8 @@ here once per host, and from then on its opens and reads never reach the FUSE da
 (a large library) stays lazy.
 
 The daemon of the root's image mount fills the layer while the root already runs: a start never waits for it.
-It fetches the chunks the profile lists as soon as the image's index is on the host (`fetch_listed_chunks`, while
-the index is validated), then writes the files in the order the profile first read them (`fill`). Each file is
+It fetches the layer's chunks from the profile's pack as soon as the image's index is on the host (while the index
+is validated), then writes the files in the order the profile first read them (`fill`). Each file is
 written under a temporary name and renamed into place once whole, so overlayfs finds a file whole or not at all;
 one it does not find yet is read through FUSE, from the same fetches (the daemon fetches a chunk once, whoever
 asks). A marker beside the layer (`NAME.complete`) says that every file is in it; a layer without one (its
@@ -43,14 +43,13 @@ from .erofs import redirect_paths
 from .fetch import ChunkFetcher
 from .index import Chunk, Index
 from .mounts import mount_table
-from .profile import files_read_whole, hot_chunks, parse_profile
+from .profile import files_read_whole, parse_profile
 
 log = logging.getLogger("coldbrew.fs")
 
 HOT_DIRECTORY = "hot"
-# Files written at once, and listed chunks fetched at once (the fetcher bounds the store's share of them).
+# Files written at once (the fetcher bounds the store's share of them).
 FILL_WORKERS = 8
-FETCH_WORKERS = 16
 _TEMPORARY = ".building-"
 _COMPLETE = ".complete"
 _Item = TypeVar("_Item")
@@ -80,23 +79,6 @@ class HotLayer:
     def stats(self) -> dict[str, object]:
         return {"hot_layer": self.path, "hot_layer_complete": self.complete, "hot_files_written": self.files_written,
                 "hot_files_failed": self.files_failed}
-
-    async def fetch_listed_chunks(self, fetcher: ChunkFetcher) -> None:
-        """Fetch the chunks the profile lists for the layer into the cache, in order, unless the layer is complete.
-        This needs no index: it runs while the index is validated."""
-        if self.complete:
-            return
-
-        async def fetch(listed: tuple[bytes, int]) -> None:
-            try:
-                await fetcher.chunk(*listed)
-            except pyfuse3.FUSEError:
-                pass  # logged by the fetcher; `fill` fetches it again, or leaves its file to FUSE
-
-        try:
-            await _each(hot_chunks(self._profile_data).items(), FETCH_WORKERS, fetch)
-        except Exception:  # an optimisation: it must never take the mount down
-            log.exception("fetching the chunks of hot layer %s", self.path)
 
     async def fill(self, index: Index, fetcher: ChunkFetcher, cache: ChunkCache) -> None:
         """Write the files the profile reads whole that the layer lacks, in first-read order; then mark the layer

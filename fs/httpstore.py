@@ -1,6 +1,7 @@
 """A chunk store behind HTTP: GET (and HEAD) of `<base>/ab/cd/<hex>` from any static web server or CDN.
 
-Reads need nothing but a server that serves the store's directory as files. Uploads (`put`) use HTTP PUT, which
+Reads need nothing but a server that serves the store's directory as files (byte ranges of named files, as
+every static server serves them, make a large named file readable in parts). Uploads (`put`) use HTTP PUT, which
 Debian's nginx accepts with its WebDAV module (`dav_methods PUT; create_full_put_path on;`): nginx writes the body
 to a temporary file and renames it into place, so a reader sees a whole object or none. A server without PUT works
 as well for pushing: write the directory it serves with `LocalStore` (same layout) and read it back over HTTP.
@@ -14,12 +15,13 @@ returns bytes as served; `objects.decode` verifies them.
 
 from __future__ import annotations
 
+import io
 import time
 
 import urllib3
 
 from .errors import ChunkMissing, StoreUnavailable
-from .store import named_path, object_path
+from .store import ByteStream, named_path, object_path
 
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 1.0
@@ -73,6 +75,22 @@ class HttpStore:
         response = self._request("GET", named_path(name))
         return None if response.status == 404 else response.data
 
+    def read_named(self, name: str, start: int, end: int | None = None) -> ByteStream | None:
+        """A stream of a byte range of a named file: one GET with a Range header, its body read as it arrives."""
+        byte_range = f"bytes={start}-{'' if end is None else end - 1}"
+        response = self._request("GET", named_path(name), headers={"Range": byte_range}, stream=True,
+                                 expect=(200, 206, 404, 416))
+        if response.status in (404, 416):  # 416: the file ends before `start`
+            response.drain_conn()
+            response.release_conn()
+            return None if response.status == 404 else io.BytesIO()
+        body = _Body(response, f"{self.base_url}/{named_path(name)}")
+        if response.status == 200:  # a server that ignores ranges sends the whole file
+            left = start
+            while left and (part := body.read(min(left, 1 << 20))):
+                left -= len(part)
+        return body
+
     def put_named(self, name: str, data: bytes) -> None:
         if not self.upload:
             raise StoreUnavailable(f"{self.base_url} is read-only here (upload=False)")
@@ -81,24 +99,30 @@ class HttpStore:
     def close(self) -> None:
         self._pool.close()
 
-    def _request(self, method: str, relative: str, body: bytes | None = None,
-                 expect: tuple[int, ...] = (200, 404)) -> urllib3.BaseHTTPResponse:
-        """`method` on `relative` (a path under the base URL), with bounded retries."""
+    def _request(self, method: str, relative: str, body: bytes | None = None, expect: tuple[int, ...] = (200, 404),
+                 headers: dict[str, str] | None = None, stream: bool = False) -> urllib3.BaseHTTPResponse:
+        """`method` on `relative` (a path under the base URL), with bounded retries; with `stream`, an expected
+        response's body is left to read (the retries cover everything up to its first byte)."""
         url = f"{self.base_url}/{relative}"
         path = f"{self._path_prefix}/{relative}"
-        headers = {"Content-Type": "application/octet-stream"} if body is not None else None
+        headers = dict(headers or {})
+        if body is not None:
+            headers["Content-Type"] = "application/octet-stream"
         cause = ""
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(min(_BACKOFF_FIRST * 2 ** (attempt - 1), _BACKOFF_MAX))
             try:
-                response = self._pool.request(method, path, body=body, headers=headers, preload_content=True,
+                response = self._pool.request(method, path, body=body, headers=headers, preload_content=not stream,
                                               redirect=False)
             except urllib3.exceptions.HTTPError as error:
                 cause = _describe_error(error)
                 continue
             if response.status in expect:
                 return response
+            if stream:
+                response.drain_conn()  # an error's body: small; the connection goes back to the pool
+                response.release_conn()
             if response.status >= 500:
                 cause = f"HTTP {response.status} {response.reason}"
                 continue
@@ -107,6 +131,26 @@ class HttpStore:
                                    f"{_hint(method, response.status)}")
         attempts = self.retries + 1
         raise StoreUnavailable(f"{method} {url}: {cause} (after {attempts} attempt{'s' if attempts > 1 else ''})")
+
+
+class _Body:
+    """A response's body as a stream. Closing it returns the connection to the pool, closed first unless the body
+    was read to its end (what is left of the body would wait in it)."""
+
+    def __init__(self, response: urllib3.BaseHTTPResponse, url: str) -> None:
+        self._response = response
+        self._url = url
+
+    def read(self, size: int) -> bytes:
+        try:
+            return self._response.read(size)
+        except urllib3.exceptions.HTTPError as error:  # the connection broke or timed out mid-body
+            raise StoreUnavailable(f"GET {self._url}: {_describe_error(error)}") from None
+
+    def close(self) -> None:
+        if self._response.length_remaining != 0:
+            self._response.close()
+        self._response.release_conn()  # the pool's slot: a closed connection is opened again when next used
 
 
 def _describe_error(error: urllib3.exceptions.HTTPError) -> str:

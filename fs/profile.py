@@ -1,13 +1,18 @@
-"""Start-up profiles: the chunks a run read, in first-access order, saved beside the image in its store.
+"""Start-up profiles: the chunks a run read, in first-access order, saved beside the image in its store together
+with the chunks themselves, packed.
 
-A recording mount notes each (inode, chunk position) it serves; a later cold mount prefetches them in that order,
-and a container root turns the files they cover whole into a local hot layer (`coldbrew.fs.hotlayer`).
+A recording mount notes each (inode, chunk position) it serves. A later cold mount fetches the pack in a few large
+requests instead of one per chunk, prefetches what the run will read, and a container root turns the files the
+profile reads whole into a local hot layer (`coldbrew.fs.hotlayer`).
 
-A profile is `PROFILE_MAGIC` and one zstd frame: the number of pairs (u32), the (inode, position) pairs (u32
-each), then the hot layer's chunks as the recorder saw them (32-byte digest, u32 length each), so that a host
-can fetch them while it fetches the image's index. A profile is a mutable file, not content-addressed: that list
-only decides what is fetched early (every chunk is still verified against its digest); what a hot layer holds
-comes from the index. Version 1 profiles (pairs alone) are still read.
+A profile file is `PROFILE_MAGIC`, the length of its head (u32) and the head, one zstd frame: the number of pairs
+(u32), the (inode, position) pairs (u32 each), the number of packed chunks (u32) and the pack's table, a
+(32-byte digest, u32 length, u32 stored size, u8 flags) record per distinct chunk in first-access order, flag
+`HOT` on the chunks of files read whole. The pack follows: each chunk's stored bytes (one zstd frame, as in the
+store), back to back in table order. A host reads the head alone first (one small range), then the pack in ranges.
+
+A profile is a mutable file, not content-addressed: it only decides what is fetched early and how. Every packed
+chunk is verified against its digest before use, and what a hot layer holds comes from the index.
 """
 
 from __future__ import annotations
@@ -15,17 +20,36 @@ from __future__ import annotations
 import stat
 import struct
 from array import array
+from dataclasses import dataclass
+from typing import Callable
 
 from . import objects
 from .errors import FsError
 from .index import MAX_CHUNK_SIZE, Chunk, Index
+from .store import ChunkStore
 
-PROFILE_MAGIC = b"CBPROF\x00\x02"
-_PROFILE_MAGIC_V1 = b"CBPROF\x00\x01"
-# What a profile may decompress to when no index bounds it (pairs and listed chunks of over a million chunks).
+PROFILE_MAGIC = b"CBPROF\x00\x03"
+# What a head may decompress to when no index bounds it (pairs and table of over a million chunks).
 MAX_PROFILE_SIZE = 1 << 26
+# The first read of a profile file: most heads fit (a torch start's is ~100 KB); a longer one costs one more read.
+HEAD_READ = 1 << 18
+HOT = 1
+# The most a stored chunk can be: zstd's bound for the largest chunk, with room to spare.
+MAX_STORED_SIZE = MAX_CHUNK_SIZE + (MAX_CHUNK_SIZE >> 7) + (1 << 16)
 _COUNT = struct.Struct("<I")
-_LISTED_CHUNK = struct.Struct(f"<{objects.DIGEST_SIZE}sI")
+_TABLE_ENTRY = struct.Struct(f"<{objects.DIGEST_SIZE}sIIB")
+_PREFIX = len(PROFILE_MAGIC) + _COUNT.size
+
+
+@dataclass(frozen=True, slots=True)
+class PackedChunk:
+    """A chunk in a profile's pack: its `stored` bytes lie at `offset` of the profile file."""
+
+    digest: bytes
+    length: int
+    offset: int
+    stored: int
+    hot: bool
 
 
 def profile_name(reference: str) -> str:
@@ -49,27 +73,62 @@ class ProfileRecorder:
     def __len__(self) -> int:
         return len(self._order) // 2
 
-    def serialize(self, index: Index) -> bytes:
+    def serialize(self, index: Index, stored_chunk: Callable[[Chunk], bytes | None]) -> bytes:
+        """The profile file; `stored_chunk` gives a chunk's stored bytes, or None to leave it out of the pack."""
         profile = _resolve(self._order, index)
         whole = files_read_whole(profile, index)
-        listed = b"".join(_LISTED_CHUNK.pack(chunk.digest, chunk.length) for ino, chunk in profile if ino in whole)
-        return PROFILE_MAGIC + objects.compress(_COUNT.pack(len(self)) + self._order.tobytes() + listed)
+        hot: dict[bytes, bool] = {}
+        chunks: list[Chunk] = []
+        for ino, chunk in profile:
+            if chunk.digest not in hot:
+                chunks.append(chunk)
+            hot[chunk.digest] = hot.get(chunk.digest, False) or ino in whole
+        table, pack = [], []
+        for chunk in chunks:
+            stored = stored_chunk(chunk)
+            if stored is not None:
+                table.append(_TABLE_ENTRY.pack(chunk.digest, chunk.length, len(stored), HOT if hot[chunk.digest] else 0))
+                pack.append(stored)
+        head = objects.compress(b"".join([_COUNT.pack(len(self)), self._order.tobytes(), _COUNT.pack(len(table)),
+                                          *table]))
+        return b"".join([PROFILE_MAGIC, _COUNT.pack(len(head)), head, *pack])
 
 
-def parse_profile(data: bytes, index: Index) -> list[tuple[int, Chunk]]:
+def fetch_head(store: ChunkStore, reference: str) -> bytes | None:
+    """The head of an image's profile (its first bytes, up to the pack: what `parse_profile` and `packed_chunks`
+    read), or None when the store has none. Raises FsError."""
+    name = profile_name(reference)
+    head = _read(store, name, 0, HEAD_READ)
+    if head is None:
+        return None
+    end = _head_end(head)
+    if end > len(head):
+        head += _read(store, name, len(head), end) or b""
+    if len(head) < end:
+        raise FsError("start-up profile: truncated")
+    return head[:end]
+
+
+def parse_profile(head: bytes, index: Index) -> list[tuple[int, Chunk]]:
     """(inode, chunk) pairs of a saved profile, in order; entries that do not fit this image are dropped."""
-    # Each chunk reference of the image at most once, in the pairs and in the list.
-    pairs, _ = _sections(data, _COUNT.size + (8 + _LISTED_CHUNK.size) * index.chunk_count)
+    # Each chunk reference of the image at most once in the pairs, and each chunk at most once in the table.
+    pairs, _ = _sections(head, 2 * _COUNT.size + (8 + _TABLE_ENTRY.size) * index.chunk_count)
     order = array("I")
     order.frombytes(pairs)
     return _resolve(order, index)
 
 
-def hot_chunks(data: bytes) -> dict[bytes, int]:
-    """digest -> length of the chunks the recorder listed for the hot layer (none in a version 1 profile); a
-    length no chunk can have is dropped, so a bad profile cannot make a fetch decompress more than a chunk."""
-    _, listed = _sections(data, MAX_PROFILE_SIZE)
-    return {digest: length for digest, length in _LISTED_CHUNK.iter_unpack(listed) if 0 < length <= MAX_CHUNK_SIZE}
+def packed_chunks(head: bytes) -> list[PackedChunk]:
+    """The chunks of the profile's pack, in order. A record no chunk can have (a length or size out of bounds) is
+    left out, so a bad profile cannot make a fetch decompress more than a chunk."""
+    _, table = _sections(head, MAX_PROFILE_SIZE)
+    chunks = []
+    offset = _head_end(head)
+    for digest, length, stored, flags in _TABLE_ENTRY.iter_unpack(table):
+        if 0 < length <= MAX_CHUNK_SIZE and 0 < stored <= MAX_STORED_SIZE:
+            chunks.append(PackedChunk(digest, length, offset, stored, bool(flags & HOT)))
+        offset += stored
+    return chunks
 
 
 def files_read_whole(profile: list[tuple[int, Chunk]], index: Index) -> dict[int, list[Chunk]]:
@@ -81,24 +140,45 @@ def files_read_whole(profile: list[tuple[int, Chunk]], index: Index) -> dict[int
     return {ino: chunks for ino, chunks in files.items() if len(read[ino]) == len(chunks)}
 
 
-def _sections(data: bytes, limit: int) -> tuple[bytes, bytes]:
-    """(the pairs, the listed chunks) of a profile, each cut to whole records; raises FsError."""
-    version_1 = data.startswith(_PROFILE_MAGIC_V1)
-    if not (version_1 or data.startswith(PROFILE_MAGIC)):
-        raise FsError("start-up profile: not a coldbrew profile")
+def _read(store: ChunkStore, name: str, start: int, end: int) -> bytes | None:
+    stream = store.read_named(name, start, end)
+    if stream is None:
+        return None
     try:
-        raw = objects.decompress(data[len(PROFILE_MAGIC):], limit)
+        parts = []
+        left = end - start
+        while left and (part := stream.read(left)):
+            parts.append(part)
+            left -= len(part)
+        return b"".join(parts)
+    finally:
+        stream.close()
+
+
+def _head_end(data: bytes) -> int:
+    """Where a profile's head ends (and its pack begins), from its first bytes; raises FsError."""
+    if len(data) < _PREFIX or not data.startswith(PROFILE_MAGIC):
+        raise FsError("start-up profile: not a coldbrew profile of this version (record it again)")
+    length = _COUNT.unpack_from(data, len(PROFILE_MAGIC))[0]
+    if length > MAX_PROFILE_SIZE:
+        raise FsError(f"start-up profile: its head of {length} bytes is too large")
+    return _PREFIX + length
+
+
+def _sections(data: bytes, limit: int) -> tuple[bytes, bytes]:
+    """(the pairs, the pack's table) of a profile (its head, or the whole file), each cut to whole records;
+    raises FsError."""
+    try:
+        raw = objects.decompress(data[_PREFIX: _head_end(data)], limit)
     except ValueError as error:
         raise FsError(f"start-up profile: {error}") from None
-    if version_1:
-        return raw[: len(raw) - len(raw) % 8], b""
     if len(raw) < _COUNT.size:
         raise FsError("start-up profile: truncated")
     end = _COUNT.size + 8 * _COUNT.unpack_from(raw)[0]
-    if end > len(raw):
+    if end + _COUNT.size > len(raw):
         raise FsError("start-up profile: holds fewer pairs than it says")
-    listed = raw[end:]
-    return raw[_COUNT.size: end], listed[: len(listed) - len(listed) % _LISTED_CHUNK.size]
+    table = raw[end + _COUNT.size:]
+    return raw[_COUNT.size: end], table[: len(table) - len(table) % _TABLE_ENTRY.size]
 
 
 def _resolve(order: array, index: Index) -> list[tuple[int, Chunk]]:

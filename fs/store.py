@@ -16,6 +16,13 @@ from typing import Protocol
 from .errors import ChunkMissing
 
 
+class ByteStream(Protocol):
+    def read(self, size: int) -> bytes:
+        """At most `size` bytes, b"" at the end."""
+
+    def close(self) -> None: ...
+
+
 class ChunkStore(Protocol):
     def get(self, digest: bytes) -> bytes:
         """The stored bytes of an object. Raises ChunkMissing, or StoreUnavailable when the store cannot answer."""
@@ -30,6 +37,10 @@ class ChunkStore(Protocol):
 
     def put_named(self, name: str, data: bytes) -> None:
         """Write (or replace) a named file atomically."""
+
+    def read_named(self, name: str, start: int, end: int | None = None) -> ByteStream | None:
+        """A stream of the bytes from `start` to `end` (or its end) of a named file, or None when there is none.
+        `read(size)` on it gives at most `size` bytes, b"" at the end; close it. Raises StoreUnavailable."""
 
     def describe(self) -> str:
         """Where the store is, for messages (a path or a URL)."""
@@ -85,6 +96,14 @@ class LocalStore:
                 return file.read()
         except FileNotFoundError:
             return None
+
+    def read_named(self, name: str, start: int, end: int | None = None) -> ByteStream | None:
+        try:
+            file = open(os.path.join(self.root, named_path(name)), "rb")
+        except FileNotFoundError:
+            return None
+        file.seek(start)
+        return file
 
     def put_named(self, name: str, data: bytes) -> None:
         path = os.path.join(self.root, named_path(name))

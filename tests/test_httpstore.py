@@ -219,3 +219,31 @@ def test_named_files_round_trip_over_webdav(tmp_path):
         assert (tmp_path / "named" / "profiles" / "abc").read_bytes() == b"second"
         with pytest.raises(ValueError):
             store.get_named("../../etc/passwd")
+
+
+def _read_all(stream) -> bytes:
+    data = b""
+    while part := stream.read(1000):
+        data += part
+    stream.close()
+    return data
+
+
+def test_named_files_are_read_in_ranges_the_same_from_nginx_and_the_directory(served) -> None:
+    root, server = served
+    store, local = HttpStore(server.url, pool_size=1), LocalStore(str(root))
+    data = os.urandom(100_000)
+    store.put_named("profiles/ranged", data)
+    for reader in (store, local):
+        assert reader.read_named("profiles/none", 0) is None
+        assert _read_all(reader.read_named("profiles/ranged", 0)) == data
+        assert _read_all(reader.read_named("profiles/ranged", 99_990)) == data[99_990:]
+        assert _read_all(reader.read_named("profiles/ranged", 200_000)) == b""  # past the end: nothing
+        # A range read to its end hands its connection back (one in the pool): the next request works.
+        assert _read_all(reader.read_named("profiles/ranged", 5, 70_005))[:70_000] == data[5:70_005]
+    partial = store.read_named("profiles/ranged", 0)
+    assert partial.read(10) == data[:10]
+    partial.close()  # the rest of the body is not read: that connection is closed, not reused
+    assert store.get_named("profiles/ranged") == data
+    assert ("GET", "/named/profiles/ranged", 206) in server.requests()
+

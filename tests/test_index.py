@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import os
 import stat
-from array import array
+import struct
 
 import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coldbrew.fs import objects
+from coldbrew.fs import objects, profile
 from coldbrew.fs.erofs import redirect_paths
 from coldbrew.fs.errors import BadIndex, BadReference, ChunkMissing, CorruptChunk, FsError
 from coldbrew.fs.index import MAX_CHUNK_SIZE, Chunk, Index, IndexBuilder
-from coldbrew.fs.profile import PROFILE_MAGIC, ProfileRecorder, files_read_whole, hot_chunks, parse_profile
+from coldbrew.fs.profile import (MAX_STORED_SIZE, PROFILE_MAGIC, PackedChunk, ProfileRecorder, fetch_head,
+                                 files_read_whole, packed_chunks, parse_profile, profile_name)
 from coldbrew.fs.pushing import push
 from coldbrew.fs.store import LocalStore
 
@@ -299,67 +300,105 @@ def profiled_index() -> tuple[Index, list[Chunk], list[Chunk]]:
     return index, whole, part
 
 
-def test_profile_round_trip_lists_the_hot_layers_chunks():
+def stored_chunks(chunks):
+    """A `stored_chunk` for `ProfileRecorder.serialize`: made-up stored bytes, one chunk left out."""
+    stored = {chunk.digest: bytes([k + 1]) * (k + 3) for k, chunk in enumerate(chunks)}
+    return lambda chunk: stored.get(chunk.digest)
+
+
+def test_profile_round_trip_packs_its_chunks_in_first_access_order():
     index, whole, part = profiled_index()
     recorder = ProfileRecorder()
-    for ino, position in [(2, 1), (3, 2), (2, 0), (2, 1), (99, 0), (3, 7)]:
+    for ino, position in [(2, 1), (3, 2), (2, 0), (2, 1), (99, 0), (3, 7), (3, 0)]:
         recorder.note(ino, position)
-    data = recorder.serialize(index)
+    data = recorder.serialize(index, stored_chunks([whole[1], part[2], whole[0]]))  # part[0] is not had
     # What does not fit the image (inode 99, chunk 7 of a 3-chunk file) is dropped when read.
-    assert parse_profile(data, index) == [(2, whole[1]), (3, part[2]), (2, whole[0])]
-    assert hot_chunks(data) == {whole[1].digest: 10, whole[0].digest: 10}  # part is not read whole
-    huge = data[:len(PROFILE_MAGIC)] + objects.compress(
-        (0).to_bytes(4, "little") + whole[0].digest + (MAX_CHUNK_SIZE + 1).to_bytes(4, "little"))
-    assert hot_chunks(huge) == {}  # no chunk is that large: not fetched
+    assert parse_profile(data, index) == [(2, whole[1]), (3, part[2]), (2, whole[0]), (3, part[0])]
     assert files_read_whole(parse_profile(data, index), index) == {2: whole}
+    packed = packed_chunks(data)
+    assert [(chunk.digest, chunk.length, chunk.stored, chunk.hot) for chunk in packed] == [
+        (whole[1].digest, 10, 3, True), (part[2].digest, 10, 4, False), (whole[0].digest, 10, 5, True)]
+    for chunk, expected in zip(packed, [b"\1" * 3, b"\2" * 4, b"\3" * 5]):
+        assert data[chunk.offset: chunk.offset + chunk.stored] == expected
+    assert packed[-1].offset + packed[-1].stored == len(data)
+    # The head alone reads the same; the pack's offsets stay those of the file.
+    head = data[:packed[0].offset]
+    assert packed_chunks(head) == packed and parse_profile(head, index) == parse_profile(data, index)
 
 
-def test_version_1_profiles_are_read():
+def test_a_packed_chunk_out_of_bounds_is_left_out_and_the_rest_keep_their_place():
     index, whole, _ = profiled_index()
-    pairs = array("I", [2, 0, 2, 1]).tobytes()
-    data = b"CBPROF\x00\x01" + objects.compress(pairs)
-    assert parse_profile(data, index) == [(2, whole[0]), (2, whole[1])]
-    assert hot_chunks(data) == {}
+    table = b"".join(struct.pack("<32sIIB", digest, length, stored, 1) for digest, length, stored in [
+        (whole[0].digest, MAX_CHUNK_SIZE + 1, 7), (whole[1].digest, 10, 5)])
+    frame = objects.compress((0).to_bytes(4, "little") + (2).to_bytes(4, "little") + table)
+    head = PROFILE_MAGIC + len(frame).to_bytes(4, "little") + frame
+    assert packed_chunks(head) == [PackedChunk(whole[1].digest, 10, len(head) + 7, 5, True)]
+
+
+def test_the_head_is_read_in_ranges_from_a_store(tmp_path, monkeypatch):
+    index, whole, part = profiled_index()
+    store = LocalStore(str(tmp_path))
+    assert fetch_head(store, "ab" * 32) is None
+    recorder = ProfileRecorder()
+    for position in range(3):
+        recorder.note(3, position)
+    data = recorder.serialize(index, stored_chunks(part))
+    store.put_named(profile_name("ab" * 32), data)
+    head_size = packed_chunks(data)[0].offset
+    for first_read in (head_size, 16):  # the head read at once, or in a second read
+        monkeypatch.setattr(profile, "HEAD_READ", first_read)
+        assert fetch_head(store, "ab" * 32) == data[:head_size]
+    store.put_named(profile_name("ab" * 32), data[:head_size - 1])
+    with pytest.raises(FsError, match="truncated"):
+        fetch_head(store, "ab" * 32)
+
+
+def frame(payload):
+    return len(payload).to_bytes(4, "little") + payload
 
 
 @pytest.mark.parametrize("data, message", [
     (b"not a profile", "not a coldbrew profile"),
-    (PROFILE_MAGIC + b"garbage", "not a zstd frame"),
-    (PROFILE_MAGIC + objects.compress(b"\1\0"), "truncated"),
-    (PROFILE_MAGIC + objects.compress((5).to_bytes(4, "little") + b"\0" * 8), "fewer pairs"),
+    (b"CBPROF\x00\x02" + frame(objects.compress(b"")), "not a coldbrew profile of this version"),
+    (PROFILE_MAGIC + frame(b"garbage"), "not a zstd frame"),
+    (PROFILE_MAGIC + frame(objects.compress(b"\1\0")), "truncated"),
+    (PROFILE_MAGIC + frame(objects.compress((5).to_bytes(4, "little") + b"\0" * 8)), "fewer pairs"),
+    (PROFILE_MAGIC + (1 << 30).to_bytes(4, "little"), "too large"),
 ])
 def test_bad_profiles_are_refused(data, message):
     index, _, _ = profiled_index()
     with pytest.raises(FsError, match=message):
         parse_profile(data, index)
     with pytest.raises(FsError, match=message):
-        hot_chunks(data)
+        packed_chunks(data)
 
 
 def test_a_profile_larger_than_its_image_allows_is_refused_before_it_is_decompressed():
-    index, _, _ = profiled_index()  # 5 chunks: pairs and listed chunks of at most 224 bytes
-    claims = PROFILE_MAGIC + zstandard.ZstdCompressor(write_content_size=True).compress(b"\0" * 5000)
-    with pytest.raises(FsError, match="claims 5000 bytes, at most 224"):
+    index, _, _ = profiled_index()  # 5 chunks: pairs and table of at most 253 bytes
+    claims = PROFILE_MAGIC + frame(zstandard.ZstdCompressor(write_content_size=True).compress(b"\0" * 5000))
+    with pytest.raises(FsError, match="claims 5000 bytes, at most 253"):
         parse_profile(claims, index)
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.data())
 def test_corrupted_profiles_never_crash_the_reader(data):
-    index, _, _ = profiled_index()
+    index, whole, part = profiled_index()
     recorder = ProfileRecorder()
     for ino, position in [(2, 0), (2, 1), (3, 1)]:
         recorder.note(ino, position)
-    profile = bytearray(recorder.serialize(index))
-    position = data.draw(st.integers(0, len(profile) - 1))
-    profile[position] = data.draw(st.integers(0, 255))
+    damaged = bytearray(recorder.serialize(index, stored_chunks([*whole, *part])))
+    position = data.draw(st.integers(0, len(damaged) - 1))
+    damaged[position] = data.draw(st.integers(0, 255))
     try:
-        pairs = parse_profile(bytes(profile), index)
-        listed = hot_chunks(bytes(profile))
+        pairs = parse_profile(bytes(damaged), index)
+        packed = packed_chunks(bytes(damaged))
     except FsError:
         return
     assert all(1 <= ino <= index.entries for ino, _ in pairs)
-    assert all(len(digest) == objects.DIGEST_SIZE and 0 < length <= MAX_CHUNK_SIZE for digest, length in listed.items())
+    assert all(len(chunk.digest) == objects.DIGEST_SIZE and 0 < chunk.length <= MAX_CHUNK_SIZE
+               and 0 < chunk.stored <= MAX_STORED_SIZE for chunk in packed)
+    assert all(b.offset >= a.offset + a.stored for a, b in zip(packed, packed[1:]))
 
 # --- push ----------------------------------------------------------------------------------------------------------
 

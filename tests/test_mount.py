@@ -25,8 +25,8 @@ from coldbrew.fs.daemon import STATE_DIR, _detach, _paths, mount, mount_stats, s
 from coldbrew.fs.erofs import INDEX_METADATA_KEY, UnsupportedTree, image_bytes, redirect_paths, write_image
 from coldbrew.fs.mounts import mount_entry, mount_table, mounts_below
 from coldbrew.fs.errors import BadReference, FsError
-from coldbrew.fs.index import Index, IndexBuilder
-from coldbrew.fs.profile import files_read_whole, parse_profile, profile_name
+from coldbrew.fs.index import Chunk, Index, IndexBuilder
+from coldbrew.fs.profile import fetch_head, files_read_whole, packed_chunks, parse_profile
 from coldbrew.fs.pushing import push
 from coldbrew.fs.rootfs import create_root, remove_root
 from coldbrew.fs.store import LocalStore, object_path
@@ -533,7 +533,9 @@ def test_unknown_reference_refused(mounts: Mounts) -> None:
 
 # --- profiles, counters, listings ------------------------------------------------------------------------------
 
-def test_profile_recorded_then_prefetched(mounts: Mounts, tmp_path: Path) -> None:
+def _recorded_profile(mounts: Mounts, tmp_path: Path) -> tuple[str, Path, list[Chunk]]:
+    """An image of six files of three chunks whose saved profile reads files 1 and 4: (reference, tree, the
+    profile's chunks in the order read)."""
     tree = tmp_path / "tree"
     tree.mkdir()
     for k in range(6):
@@ -544,17 +546,59 @@ def test_profile_recorded_then_prefetched(mounts: Mounts, tmp_path: Path) -> Non
     (point / "file4").read_bytes()
     assert save_profile(str(point)) == 6
     mounts.unmount(point)
-    assert (mounts.store / "named" / "profiles" / reference).exists()
+    store = LocalStore(str(mounts.store))
+    index = Index(objects.decode(bytes.fromhex(reference), store.get(bytes.fromhex(reference)), 1 << 20))
+    return reference, tree, [chunk for _, chunk in parse_profile(fetch_head(store, reference), index)]
 
-    point = mounts.mount(reference, cache=tmp_path / "cache2")  # cold: prefetches the profile
+
+def _prefetched(point: Path) -> dict:
     deadline = time.monotonic() + 20
     while not (stats := stats_of(point))["prefetch_done"] and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert stats["profile_chunks"] == 6 and stats["prefetched_chunks"] == 6
+    return stats
+
+
+def test_profile_recorded_then_prefetched_in_ranges_of_its_pack(mounts: Mounts, tmp_path: Path,
+                                                                 http_store: _CountingServer) -> None:
+    reference, tree, profile = _recorded_profile(mounts, tmp_path)
+    http_store.gets.clear()
+    point = mounts.mount(reference, store=http_store.url, cache=tmp_path / "cache2")  # cold: fetches the pack
+    stats = _prefetched(point)
+    assert stats["profile_chunks"] == 6 and stats["prefetched_chunks"] + stats["prefetch_cached"] == 6
+    assert stats["packed_chunks"] == 6 and stats["chunks_fetched"] == 6
+    # One GET of the profile's head and one per range; no chunk of the profile fetched alone.
+    assert http_store.gets.get(f"/named/profiles/{reference}") == 1 + stats["pack_ranges"]
+    assert stats["pack_ranges"] <= 2
+    assert not any(http_store.gets.get("/" + object_path(chunk.digest)) for chunk in profile)
     assert (point / "file1").read_bytes() == (tree / "file1").read_bytes()
-    after = stats_of(point)
-    assert after["chunks_fetched"] == 6  # the reads found everything in the cache
-    assert after["cache_hits"] >= 3
+    assert stats_of(point)["chunks_fetched"] == 6  # the reads found everything in the cache
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated"])
+def test_a_damaged_pack_costs_only_requests(mounts: Mounts, tmp_path: Path, http_store: _CountingServer,
+                                           damage: str) -> None:
+    reference, tree, profile = _recorded_profile(mounts, tmp_path)
+    path = mounts.store / "named" / "profiles" / reference
+    data = bytearray(path.read_bytes())
+    packed = packed_chunks(bytes(data))
+    if damage == "corrupt":
+        data[packed[1].offset + packed[1].stored // 2] ^= 0xFF
+        alone = [packed[1].digest]
+    else:
+        del data[packed[2].offset + 1:]
+        alone = [chunk.digest for chunk in packed[2:]]
+    path.write_bytes(bytes(data))
+    http_store.gets.clear()
+    point = mounts.mount(reference, store=http_store.url, cache=tmp_path / "cache2")
+    stats = _prefetched(point)
+    assert stats["packed_chunks"] == 6 - len(alone) and stats["chunks_fetched"] == 6
+    assert {chunk.digest.hex() for chunk in profile if http_store.gets.get("/" + object_path(chunk.digest))} == \
+        {digest.hex() for digest in alone}
+    for name in ("file1", "file4"):
+        assert (point / name).read_bytes() == (tree / name).read_bytes()
+    log = Path(stats["log"]).read_text()
+    assert (f"chunk {packed[1].digest.hex()}: in the profile's pack" in log if damage == "corrupt"
+            else "the range ends" in log)
 
 
 def test_stats_count_fetches_and_hits(mounts: Mounts, tmp_path: Path) -> None:
@@ -739,7 +783,7 @@ def test_hot_layer_serves_the_files_a_start_reads_whole(roots, tmp_path: Path) -
     # The daemon prefetches only what the hot layer does not hold: the chunks of library.so the start read.
     index = Index(objects.decode(bytes.fromhex(reference), (tmp_path / "store" / object_path(
         bytes.fromhex(reference))).read_bytes(), 1 << 20))
-    profile = parse_profile(LocalStore(str(tmp_path / "store")).get_named(profile_name(reference)), index)
+    profile = parse_profile(fetch_head(LocalStore(str(tmp_path / "store")), reference), index)
     read_in_part = [chunk for ino, chunk in profile if ino not in files_read_whole(profile, index)]
     assert read_in_part and all(chunk.length == SMALL_CHUNK for chunk in read_in_part)
     assert stats["profile_chunks"] == len(read_in_part)
@@ -844,9 +888,15 @@ def test_hot_layer_without_a_chunk_leaves_its_file_to_fuse(roots, tmp_path: Path
     (cache / "hot").mkdir(parents=True)
     abandoned = cache / "hot" / f".building-{2 ** 22 + 1}-{reference}-x"  # a daemon killed half-way
     (abandoned / "file").parent.mkdir(parents=True)
-    # A corrupt chunk in the store: the root starts, its file is left out of the layer, and reading it fails.
+    # A chunk corrupt in the store and in the profile's pack: the root starts, its file is left out of the layer,
+    # and reading it fails.
     good = (tmp_path / "store" / object_path(chunk.digest)).read_bytes()
     (tmp_path / "store" / object_path(chunk.digest)).write_bytes(good[:-3] + b"bad")
+    profile_path = tmp_path / "store" / "named" / "profiles" / reference
+    profile = bytearray(profile_path.read_bytes())
+    packed, = [packed for packed in packed_chunks(bytes(profile)) if packed.digest == chunk.digest]
+    profile[packed.offset + packed.stored - 1] ^= 0xFF
+    profile_path.write_bytes(bytes(profile))
     broken = roots(reference, "broken", cache=cache)
     hot = _lower_layers(broken)[1]
     stats = filled(tmp_path / "broken" / "image")
@@ -858,7 +908,7 @@ def test_hot_layer_without_a_chunk_leaves_its_file_to_fuse(roots, tmp_path: Path
     assert error.value.errno == errno.EIO
     assert chunk.digest.hex() in Path(stats["log"]).read_text()
     assert (broken / "other").read_bytes() == (tree / "other").read_bytes()
-    (tmp_path / "store" / object_path(chunk.digest)).write_bytes(good)
+    (tmp_path / "store" / object_path(chunk.digest)).write_bytes(good)  # the pack's copy stays corrupt
     rootfs = roots(reference, "fixed", cache=cache)
     assert _lower_layers(rootfs)[1] == hot
     assert filled(tmp_path / "fixed" / "image")["hot_layer_complete"]
