@@ -162,4 +162,6 @@ def _describe_error(error: urllib3.exceptions.HTTPError) -> str:
 def _hint(method: str, status: int) -> str:
     if method == "PUT" and status == 405:
         return " (the server does not accept PUT: enable WebDAV, `dav_methods PUT`, or push to its directory)"
+    if method == "PUT" and status == 413:
+        return " (the server limits request bodies: raise nginx's `client_max_body_size`, or push to its directory)"
     return ""

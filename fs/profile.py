@@ -31,8 +31,9 @@ from .store import ChunkStore
 PROFILE_MAGIC = b"CBPROF\x00\x03"
 # What a head may decompress to when no index bounds it (pairs and table of over a million chunks).
 MAX_PROFILE_SIZE = 1 << 26
-# The first read of a profile file: most heads fit (a torch start's is ~100 KB); a longer one costs one more read.
-HEAD_READ = 1 << 18
+# The first read of a profile file, made while the index downloads: small, since what it reads past the head is
+# read again with the pack. A longer head (a torch start's) costs one more read.
+HEAD_READ = 32 << 10
 HOT = 1
 # The most a stored chunk can be: zstd's bound for the largest chunk, with room to spare.
 MAX_STORED_SIZE = MAX_CHUNK_SIZE + (MAX_CHUNK_SIZE >> 7) + (1 << 16)
