@@ -529,10 +529,9 @@ class _Server:
             os.rename(self.state_path + ".tmp", self.state_path)
             nursery.start_soon(self._signals)
             nursery.start_soon(self._control)
-            if self.hot_layer is not None:
-                nursery.start_soon(self.hot_layer.fill, self.index, self.fetcher, self.cache)
-            if not self.args.no_prefetch:
-                nursery.start_soon(self._prefetch)
+            layer_to_fill = self.hot_layer is not None and not self.hot_layer.complete
+            if self.profile_data and (layer_to_fill or not self.args.no_prefetch):
+                nursery.start_soon(self._follow_profile)
             if self.args.keep_mounted is not None:
                 nursery.start_soon(self._release_stack_when_unused)
             log.info("mounted %s at %s (index %d entries, %.3f s)", self.reference, self.mountpoint,
@@ -773,34 +772,32 @@ class _Server:
             return None
         return stored
 
-    def _profile_to_prefetch(self) -> list[tuple[int, Chunk]]:
-        """The profile's chunks, less those of the files the hot layer holds (its daemon writes them)."""
-        from .profile import files_read_whole, parse_profile
-
-        profile = parse_profile(self.profile_data, self.index)
-        if self.hot_layer is not None:
-            whole = files_read_whole(profile, self.index)
-            profile = [(ino, chunk) for ino, chunk in profile if ino not in whole]
-        return profile
-
-    async def _prefetch(self) -> None:
+    async def _follow_profile(self) -> None:
+        """Read the profile against the index once: the hot layer is filled with the files it reads whole, and the
+        rest (all of it without a hot layer) is prefetched, side by side."""
         import trio
 
         from .imagefs import Prefetcher
+        from .profile import files_read_whole, parse_profile
 
-        await self.profile_fetched.wait()
-        if not self.profile_data:
-            return
         try:
-            profile = await trio.to_thread.run_sync(self._profile_to_prefetch)
-        except Exception as error:  # prefetch is an optimisation: whatever fails, the mount goes on serving
+            profile = await trio.to_thread.run_sync(parse_profile, self.profile_data, self.index)
+            whole = {}
+            if self.hot_layer is not None:
+                whole = await trio.to_thread.run_sync(files_read_whole, profile, self.index)
+        except Exception as error:  # an optimisation: whatever fails, the mount goes on serving
             log.warning("start-up profile of %s not used: %s", self.reference, error)
             return
-        self.prefetcher = Prefetcher(self.fs, profile)
-        log.info("prefetching a start-up profile of %d chunks", len(profile))
-        await self.prefetcher.run()
-        log.info("prefetch done: %d fetched, %d already cached", self.prefetcher.prefetched_chunks,
-                 self.prefetcher.prefetch_cached)
+        async with trio.open_nursery() as nursery:
+            if self.hot_layer is not None:
+                nursery.start_soon(self.hot_layer.fill, self.index, whole, self.fetcher, self.cache)
+            if not self.args.no_prefetch:
+                rest = [(ino, chunk) for ino, chunk in profile if ino not in whole]  # the hot layer's are written
+                self.prefetcher = Prefetcher(self.fs, rest)
+                log.info("prefetching a start-up profile of %d chunks", len(rest))
+                await self.prefetcher.run()
+                log.info("prefetch done: %d fetched, %d already cached", self.prefetcher.prefetched_chunks,
+                         self.prefetcher.prefetch_cached)
 
 
 if __name__ == "__main__":

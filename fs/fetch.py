@@ -25,7 +25,7 @@ from . import objects
 from .cache import ChunkCache
 from .errors import FsError
 from .profile import PackedChunk
-from .store import ByteStream, ChunkStore
+from .store import ByteStream, ChunkStore, read_up_to
 
 log = logging.getLogger("coldbrew.fs")
 
@@ -341,11 +341,7 @@ def _ranges(chunks: list[PackedChunk]) -> list[list[PackedChunk]]:
 
 
 def _read_exactly(stream: ByteStream, size: int) -> bytes:
-    parts = []
-    while size:
-        part = stream.read(size)
-        if not part:
-            raise FsError(f"the range ends {size} bytes early")
-        parts.append(part)
-        size -= len(part)
-    return b"".join(parts)
+    data = read_up_to(stream, size)
+    if len(data) < size:
+        raise FsError(f"the range ends {size - len(data)} bytes early")
+    return data

@@ -43,7 +43,6 @@ from .erofs import redirect_paths
 from .fetch import ChunkFetcher
 from .index import Chunk, Index
 from .mounts import mount_table
-from .profile import files_read_whole, parse_profile
 
 log = logging.getLogger("coldbrew.fs")
 
@@ -63,7 +62,6 @@ class HotLayer:
         self.root = os.path.join(cache_directory, HOT_DIRECTORY)
         self.name = f"{reference}-{objects.digest_of(profile_data).hex()[:16]}{_boot_suffix()}"
         self.path = os.path.join(self.root, self.name)
-        self._profile_data = profile_data
         self.files_written = 0
         self.files_failed = 0
         os.makedirs(self.root, exist_ok=True)
@@ -80,14 +78,15 @@ class HotLayer:
         return {"hot_layer": self.path, "hot_layer_complete": self.complete, "hot_files_written": self.files_written,
                 "hot_files_failed": self.files_failed}
 
-    async def fill(self, index: Index, fetcher: ChunkFetcher, cache: ChunkCache) -> None:
-        """Write the files the profile reads whole that the layer lacks, in first-read order; then mark the layer
-        complete (when every file is in) and evict old layers. Run it on the mount's trio loop."""
+    async def fill(self, index: Index, whole: dict[int, list[Chunk]], fetcher: ChunkFetcher,
+                   cache: ChunkCache) -> None:
+        """Write the files the profile reads whole (`profile.files_read_whole`) that the layer lacks, in first-read
+        order; then mark the layer complete (when every file is in) and evict old layers. Run it on the mount's
+        trio loop."""
         if self.complete:
             return
         scratch = os.path.join(self.root, f"{_TEMPORARY}{os.getpid()}-{self.name}")
         try:
-            whole = await trio.to_thread.run_sync(self._files_read_whole, index)
             redirects = await trio.to_thread.run_sync(redirect_paths, index, whole)
             await trio.to_thread.run_sync(functools.partial(os.makedirs, scratch, exist_ok=True))
             names = itertools.count()
@@ -123,9 +122,6 @@ class HotLayer:
             log.exception("filling hot layer %s", self.path)
         finally:
             await trio.to_thread.run_sync(functools.partial(shutil.rmtree, scratch, ignore_errors=True))
-
-    def _files_read_whole(self, index: Index) -> dict[int, list[Chunk]]:
-        return files_read_whole(parse_profile(self._profile_data, index), index)
 
 
 async def _each(items: Iterable[_Item], workers: int, work: Callable[[_Item], Awaitable[None]]) -> None:

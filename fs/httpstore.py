@@ -85,7 +85,7 @@ class HttpStore:
             response.release_conn()
             return None if response.status == 404 else io.BytesIO()
         body = _Body(response, f"{self.base_url}/{named_path(name)}")
-        if response.status == 200:  # a server that ignores ranges sends the whole file
+        if response.status == 200:  # a server that ignores ranges sends the whole file: skip, 1 MiB at a time
             left = start
             while left and (part := body.read(min(left, 1 << 20))):
                 left -= len(part)

@@ -26,7 +26,7 @@ from typing import Callable
 from . import objects
 from .errors import FsError
 from .index import MAX_CHUNK_SIZE, Chunk, Index
-from .store import ChunkStore
+from .store import ChunkStore, read_up_to
 
 PROFILE_MAGIC = b"CBPROF\x00\x03"
 # What a head may decompress to when no index bounds it (pairs and table of over a million chunks).
@@ -146,12 +146,7 @@ def _read(store: ChunkStore, name: str, start: int, end: int) -> bytes | None:
     if stream is None:
         return None
     try:
-        parts = []
-        left = end - start
-        while left and (part := stream.read(left)):
-            parts.append(part)
-            left -= len(part)
-        return b"".join(parts)
+        return read_up_to(stream, end - start)
     finally:
         stream.close()
 

@@ -23,6 +23,15 @@ class ByteStream(Protocol):
     def close(self) -> None: ...
 
 
+def read_up_to(stream: ByteStream, size: int) -> bytes:
+    """`size` bytes of a stream, fewer only where it ends."""
+    parts = []
+    while size and (part := stream.read(size)):
+        parts.append(part)
+        size -= len(part)
+    return b"".join(parts)
+
+
 class ChunkStore(Protocol):
     def get(self, digest: bytes) -> bytes:
         """The stored bytes of an object. Raises ChunkMissing, or StoreUnavailable when the store cannot answer."""
