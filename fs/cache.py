@@ -28,6 +28,7 @@ import fcntl
 import mmap
 import os
 import shutil
+import signal
 import struct
 import threading
 import time
@@ -37,7 +38,7 @@ import lmdb
 
 from . import objects
 from .errors import BadIndex, BadReference, ChunkMissing, CorruptChunk, FsError
-from .index import MAX_INDEX_SIZE, Index
+from .index import MAX_INDEX_SIZE, VALIDATION_PARTS, Index
 from .objects import DIGEST_SIZE, digest_of
 
 if TYPE_CHECKING:
@@ -647,53 +648,92 @@ def _add_counter(txn: lmdb.Transaction, db: object, key: bytes, delta: int) -> N
     txn.put(key, _COUNTER.pack(max(0, _counter(txn, db, key) + delta)), db=db)
 
 
-def fetch_index(reference: str, store: ChunkStore, cache: ChunkCache) -> str:
-    """The path of the image's index in the cache, fetched (and checked against the reference) if it is not there;
-    not yet validated (raises FsError)."""
+def fetch_index(reference: str, store: ChunkStore) -> bytes:
+    """An image's index from the store, checked against the reference; not yet validated (raises FsError)."""
+    digest = objects.parse_reference(reference)
+    try:
+        stored = store.get(digest)
+    except ChunkMissing:
+        raise BadReference(f"image {reference} is not in the store {store.describe()}") from None
+    return objects.decode(digest, stored, MAX_INDEX_SIZE)
+
+
+def open_index(reference: str, store: ChunkStore, cache: ChunkCache, *,
+               validate: bool = False) -> tuple[Index, mmap.mmap, IndexValidation | None]:
+    """The image's index, from the cache or else the store (then kept in the cache), checked against the reference,
+    its header read; not yet validated: use its metadata alone until then (raises FsError).
+
+    With `validate`, its validation too, unless the cache remembers it valid: started as soon as its bytes are on
+    the host, it runs while the cache writes them. Wait on it before serving the index.
+    """
     digest = objects.parse_reference(reference)
     path = cache.index_path(digest)
-    if not os.path.exists(path):
-        try:
-            stored = store.get(digest)
-        except ChunkMissing:
-            raise BadReference(f"image {reference} is not in the store {store.describe()}") from None
-        cache.put_index(digest, objects.decode(digest, stored, MAX_INDEX_SIZE))
-    return path
-
-
-def open_index(reference: str, store: ChunkStore, cache: ChunkCache) -> tuple[Index, mmap.mmap]:
-    """The image's index, from the cache or else the store, checked against the reference, its header read, not
-    yet validated: use its metadata alone before `validate_index` (raises FsError)."""
-    path = fetch_index(reference, store, cache)
-    with open(path, "rb") as file:
-        mapped = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)
+    validation = None
     try:
-        return Index(mapped), mapped
+        if not os.path.exists(path):
+            data = fetch_index(reference, store)
+            if validate:
+                validation = IndexValidation(digest, Index(data), cache)
+            cache.put_index(digest, data)
+        with open(path, "rb") as file:
+            mapped = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)
+        try:
+            index = Index(mapped)
+        except BaseException:
+            _close_mapping(mapped)
+            raise
+        if validate and validation is None and not cache.is_index_validated(digest):
+            validation = IndexValidation(digest, index, cache)
     except BaseException:
-        _close_mapping(mapped)
+        if validation is not None:
+            validation.close()
         raise
+    return index, mapped, validation
 
 
-def validate_index(reference: str, index: Index, cache: ChunkCache, *, in_child: bool = False) -> None:
-    """Validate an image's index unless the cache remembers it valid (raises BadIndex). `in_child`: in a forked
-    child process, so that a process whose other threads are busy (a mount's daemon fetching while it validates)
-    validates on a CPU of its own, not in turns with them under the GIL."""
-    digest = objects.parse_reference(reference)
-    if not cache.is_index_validated(digest):
-        if in_child:
-            _validate_in_child(index)
-        else:
-            index.validate()
-        cache.mark_index_validated(digest)
+class IndexValidation:
+    """`Index.validate` of an image's index in forked child processes, one per part (`Index.validate_part`): each
+    part takes a CPU of its own, instead of turns under the GIL with a busy daemon's fetch threads, and they take
+    the time of the longest. `wait` for the answer; `close` stops what still runs."""
+
+    def __init__(self, digest: bytes, index: Index, cache: ChunkCache) -> None:
+        self._digest = digest
+        self._cache = cache
+        self._children: list[tuple[int, int]] = []  # (pid, read end of the pipe it answers on)
+        try:
+            for part in range(VALIDATION_PARTS):
+                self._children.append(_fork_validator(index, part))
+        except BaseException:
+            self.close()
+            raise
+
+    def wait(self) -> None:
+        """Block until every part is done; raise the first part's BadIndex, else remember the index valid."""
+        errors = [_answer_of(*child) for child in self._children]
+        self._children = []
+        for error in errors:
+            if error is not None:
+                raise error
+        self._cache.mark_index_validated(self._digest)
+
+    def close(self) -> None:
+        for pid, _ in self._children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for child in self._children:
+            _answer_of(*child)
+        self._children = []
 
 
-def _validate_in_child(index: Index) -> None:
+def _fork_validator(index: Index, part: int) -> tuple[int, int]:
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child validates and exits; it touches nothing the parent's other threads may hold
         status = 0
         try:
-            index.validate()
+            index.validate_part(part)
         except BadIndex as error:
             os.write(write_end, f"{error.where}\0{error.message}".encode())
             status = 1
@@ -703,20 +743,34 @@ def _validate_in_child(index: Index) -> None:
         finally:
             os._exit(status)
     os.close(write_end)
+    return pid, read_end
+
+
+def _answer_of(pid: int, read_end: int) -> BadIndex | None:
+    """A validating child's BadIndex, or None when it found none; reaps it."""
     try:
         with os.fdopen(read_end, "rb", closefd=False) as pipe:
             answer = pipe.read()
         status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     finally:
         os.close(read_end)
-    if status:
-        where, _, message = answer.decode(errors="replace").partition("\0")
-        raise BadIndex(where, message or f"its validating process ended with status {status}")
+    if not status:
+        return None
+    where, _, message = answer.decode(errors="replace").partition("\0")
+    return BadIndex(where, message or f"its validating process ended with status {status}")
+
+
+def validate_index(reference: str, index: Index, cache: ChunkCache) -> None:
+    """Validate an image's index in this process unless the cache remembers it valid (raises BadIndex)."""
+    digest = objects.parse_reference(reference)
+    if not cache.is_index_validated(digest):
+        index.validate()
+        cache.mark_index_validated(digest)
 
 
 def load_index(reference: str, store: ChunkStore, cache: ChunkCache) -> tuple[Index, mmap.mmap]:
     """The image's index, from the cache or else the store, validated once per cache (raises FsError)."""
-    index, mapped = open_index(reference, store, cache)
+    index, mapped, _ = open_index(reference, store, cache)
     try:
         validate_index(reference, index, cache)
     except BaseException:

@@ -541,36 +541,27 @@ class _Server:
 
     async def _mount(self, nursery: trio.Nursery) -> None:
         """Fetch and validate the index and mount it; with --hot-layer and --metadata-image, also bring the root's
-        other layers here. A first start waits for the longest fetch, not their sum: the index has the link to
-        itself (everything waits for it), then the profile's pack and the metadata image are fetched while it is
-        validated."""
+        other layers here. A first start waits for the longest step, not their sum: the index has the link to
+        itself (everything waits for it); its validation starts as soon as it is here, and the profile's pack and
+        the metadata image are fetched while it runs."""
         import pyfuse3
         import trio
 
-        from .cache import open_index, validate_index
-        from .erofs import cached_image_path
-        from .hotlayer import HotLayer
+        from .cache import open_index
         from .imagefs import ImageFs
 
         if self.args.hot_layer or not self.args.no_prefetch:
             self.profile_fetched = trio.Event()
             nursery.start_soon(self._fetch_profile)
-        self.index, self._mapped = await trio.to_thread.run_sync(open_index, self.reference, self.store, self.cache)
-        metadata_image = cached_image_path(self.cache.directory, self.reference)
-        metadata_fetched = trio.Event()
-        if self.args.metadata_image and not os.path.exists(metadata_image):
-            nursery.start_soon(self._fetch_metadata_image, metadata_image, metadata_fetched)
-        else:
-            metadata_fetched.set()
-        if self.profile_fetched is not None:
-            await self.profile_fetched.wait()
-        if self.args.hot_layer and self.profile_data:
-            self.hot_layer = await trio.to_thread.run_sync(HotLayer, self.cache.directory, self.reference,
-                                                           self.profile_data)
-        if self.profile_data:
-            nursery.start_soon(self._fetch_pack)
-        await trio.to_thread.run_sync(functools.partial(validate_index, self.reference, self.index, self.cache,
-                                                        in_child=True))
+        self.index, self._mapped, validation = await trio.to_thread.run_sync(
+            functools.partial(open_index, self.reference, self.store, self.cache, validate=True))
+        try:
+            metadata_fetched = await self._bring_layers(nursery)
+            if validation is not None:
+                await trio.to_thread.run_sync(validation.wait)
+        finally:
+            if validation is not None:
+                validation.close()
         await metadata_fetched.wait()
         self.index_seconds = time.monotonic() - self.started
         self.fs = ImageFs(self.index, self.fetcher, recorder=self.recorder)
@@ -584,6 +575,29 @@ class _Server:
             raise FsError(f"cannot mount {self.mountpoint}: {error} (see the log)") from None
         self.mounted = True
         self.mount_seconds = time.monotonic() - self.started
+
+    async def _bring_layers(self, nursery: trio.Nursery) -> trio.Event:
+        """Start what the root's other layers need once the index is here (the pack needs only the profile's head,
+        the metadata image the index's header); the event is set once the metadata image is in the cache."""
+        import trio
+
+        from .erofs import cached_image_path
+        from .hotlayer import HotLayer
+
+        metadata_image = cached_image_path(self.cache.directory, self.reference)
+        metadata_fetched = trio.Event()
+        if self.args.metadata_image and not os.path.exists(metadata_image):
+            nursery.start_soon(self._fetch_metadata_image, metadata_image, metadata_fetched)
+        else:
+            metadata_fetched.set()
+        if self.profile_fetched is not None:
+            await self.profile_fetched.wait()
+        if self.args.hot_layer and self.profile_data:
+            self.hot_layer = await trio.to_thread.run_sync(HotLayer, self.cache.directory, self.reference,
+                                                           self.profile_data)
+        if self.profile_data:
+            nursery.start_soon(self._fetch_pack)
+        return metadata_fetched
 
     async def _fetch_metadata_image(self, path: str, done: trio.Event) -> None:
         """The stored metadata image into the cache, if it is good (else the root's maker writes one)."""

@@ -18,8 +18,9 @@ from __future__ import annotations
 import json
 import stat
 import sys
+from bisect import bisect_right
 from dataclasses import dataclass
-from itertools import accumulate, chain, compress, count, repeat
+from itertools import accumulate, chain, compress, count, filterfalse, repeat
 from operator import add, eq, ge, gt, lt, or_, sub
 from typing import Iterable, Iterator, Sequence
 
@@ -36,6 +37,8 @@ MAX_NAME = 255
 MAX_SYMLINK = 4095
 MAX_ENTRIES = 1 << 28
 MAX_HEADER = 1 << 16
+# `Index.validate` comes in this many independent parts (`Index.validate_part`).
+VALIDATION_PARTS = 2
 
 # Column name -> (table, typecode). Typecodes are fixed here, never read from the file.
 COLUMNS: dict[str, tuple[str, str]] = {
@@ -392,8 +395,14 @@ class Index:
         """Refuse a malformed or hostile index: every reference in bounds, names safe, the directories a tree.
 
         Checks run column-wide in C (`map`, `compress`, `min`/`max` over lists of the columns), entry by entry only
-        to name what is wrong: validating a large image's index is on the path of its first start.
+        to name what is wrong: validating a large image's index is on the path of its first start. They come in
+        `VALIDATION_PARTS` parts that share nothing, so that a mount can run them at once (`validate_part`).
         """
+        for part in range(VALIDATION_PARTS):
+            self.validate_part(part)
+
+    def validate_part(self, part: int) -> None:
+        """Part 0 of `validate`: the entries' references, their chunks and xattrs; part 1: the directory tree."""
         heap = self._heap_bytes.tobytes()
         kinds = list(map(stat.S_IFMT, self._mode))
         if kinds[0] != stat.S_IFDIR:
@@ -403,13 +412,15 @@ class Index:
             i = min(map(kinds.index, unknown))
             raise BadIndex(f"entries[{i + 1}]", f"mode {self._mode[i]:o} is no file type")
         ref_first, ref_count = self._ref_first.tolist(), self._ref_count.tolist()
-        self._validate_entries(kinds, ref_first, ref_count, heap)
-        dirs = _rows_of_kind(kinds, stat.S_IFDIR)
-        dirent_counts = _tiling(dirs, ref_first, ref_count, self.dirent_count, "dirents")
-        files = _rows_of_kind(kinds, stat.S_IFREG)
-        self._validate_chunks(files, _tiling(files, ref_first, ref_count, self.chunk_count, "chunks"))
-        self._validate_xattrs(len(heap))
-        self._validate_tree(kinds, dirs, dirent_counts, heap)
+        if part == 0:
+            self._validate_entries(kinds, ref_first, ref_count, heap)
+            files = _rows_of_kind(kinds, stat.S_IFREG)
+            self._validate_chunks(files, _tiling(files, ref_first, ref_count, self.chunk_count, "chunks"))
+            self._validate_xattrs(len(heap))
+        else:
+            dirs = _rows_of_kind(kinds, stat.S_IFDIR)
+            dirent_counts = _tiling(dirs, ref_first, ref_count, self.dirent_count, "dirents")
+            self._validate_tree(kinds, dirs, dirent_counts, heap)
 
     def _validate_entries(self, kinds: list[int], ref_first: list[int], ref_count: list[int], heap: bytes) -> None:
         """Symlink targets and special files' references, xattr ranges, parents."""
@@ -431,21 +442,28 @@ class Index:
             raise BadIndex(f"entries[{i + 1}]", f"parent {self._parent[i]} out of bounds")
 
     def _validate_chunks(self, files: list[int], counts: list[int]) -> None:
-        """Each file's chunks (consecutive, see `_tiling`) in order, not overlapping, inside the file."""
+        """Each file's chunks (consecutive, see `_tiling`) in order, not overlapping, inside the file: a chunk that
+        starts before the end of the one before it must be its file's first, and each file's last chunk ends
+        inside it (lengths are at least 1, so the ends before it are smaller)."""
         offsets, lengths = self._chunk_offset.tolist(), self._chunk_length.tolist()
         c = _first_outside(lengths, 1, MAX_CHUNK_SIZE)
         if c is not None:
             raise BadIndex(f"chunks[{c}]", f"length {lengths[c]} out of bounds")
         ends = list(map(add, offsets, lengths))
-        previous_ends = [0, *ends[:-1]]
-        for first in accumulate(counts[:-1], initial=0):
-            if first < len(previous_ends):
-                previous_ends[first] = 0  # a file's first chunk follows nothing
-        file_sizes = list(chain.from_iterable(map(repeat, map(self._size.__getitem__, files), counts)))
-        c = _first_true(map(or_, map(lt, offsets, previous_ends), map(gt, ends, file_sizes)))
-        if c is not None:
-            raise BadIndex(f"chunks[{c}]", f"[{offsets[c]}, +{lengths[c]}] overlaps or lies outside its file of "
-                                           f"{file_sizes[c]} bytes")
+        file_ends = list(accumulate(counts))  # past each file's last chunk
+        firsts = set(map(sub, file_ends, counts))
+        early = filterfalse(firsts.__contains__, compress(count(1), map(lt, offsets[1:], ends)))
+        c = next(early, None)
+        if c is None:
+            sizes = compress(map(self._size.__getitem__, files), counts)
+            last_ends = map(ends.__getitem__, map(sub, compress(file_ends, counts), repeat(1)))
+            f = _first_true(map(gt, last_ends, sizes))
+            if f is None:
+                return
+            c = list(compress(file_ends, counts))[f] - 1
+        size = self._size[files[bisect_right(file_ends, c)]]
+        raise BadIndex(f"chunks[{c}]", f"[{offsets[c]}, +{lengths[c]}] overlaps or lies outside its file of "
+                                       f"{size} bytes")
 
     def _validate_xattrs(self, heap_size: int) -> None:
         for x in range(self.xattr_count):

@@ -250,6 +250,52 @@ def test_ranges_must_follow_one_another():
         Index(patch_column(nested, "ref_first", 0, 1, width=8)).validate()
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40),  # a file's size, then its chunks' (offset, length)
+                          st.lists(st.tuples(st.integers(0, 40), st.integers(1, 12)), max_size=4)), max_size=6))
+def test_chunk_layouts_are_checked_as_each_file_reads_them(files):
+    """The column-wide chunk check refuses exactly the files whose chunks a reader could not take in order: each
+    starting at or after the end of the one before, all inside the file."""
+    builder = IndexBuilder()
+    root = builder.add(mode=DIR)
+    children = []
+    for number, (size, chunks) in enumerate(files):
+        children.append((b"f%d" % number, builder.add(mode=REG, size=size, chunks=[
+            Chunk(bytes([number, position]) * 16, offset, length) for position, (offset, length) in enumerate(chunks)])))
+    builder.set_children(root, children)
+
+    def readable(size, chunks):
+        end = 0
+        for offset, length in chunks:
+            if offset < end or offset + length > size:
+                return False
+            end = offset + length
+        return True
+
+    index = Index(builder.build())
+    if all(readable(size, chunks) for size, chunks in files):
+        index.validate()
+    else:
+        with pytest.raises(BadIndex, match="overlaps or lies outside its file"):
+            index.validate_part(0)
+
+
+def test_validation_parts_share_the_checks():
+    """`validate` is its parts in order: each part refuses its own faults, the whole the first part's."""
+    both = hostile(lambda b, r, s, f: (b.set_children(r, [(b"..", s)]), b.set_children(s, [(b"f", f)]),
+                                       b.set_chunks(f, [Chunk(b"\1" * 32, 5, 10)])))
+    with pytest.raises(BadIndex, match="outside its file"):
+        Index(both).validate()
+    with pytest.raises(BadIndex, match="outside its file"):
+        Index(both).validate_part(0)
+    with pytest.raises(BadIndex, match="not a file name"):
+        Index(both).validate_part(1)
+    tree_only = hostile(lambda b, r, s, f: (b.set_children(r, [(b"a/b", s)]), b.set_children(s, [(b"f", f)])))
+    Index(tree_only).validate_part(0)
+    with pytest.raises(BadIndex, match="not a file name"):
+        Index(tree_only).validate_part(1)
+
+
 def linked_tree() -> tuple[Index, dict[str, int]]:
     """root/{a/y, b/x, b/z, c}: x and y are one file (its parent is b, its first name in a walk a/y)."""
     builder = IndexBuilder()
