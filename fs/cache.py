@@ -700,6 +700,7 @@ class IndexValidation:
         self._digest = digest
         self._cache = cache
         self._children: list[tuple[int, int]] = []  # (pid, read end of the pipe it answers on)
+        self._error: BadIndex | None = None
         try:
             for part in range(VALIDATION_PARTS):
                 self._children.append(_fork_validator(index, part))
@@ -709,22 +710,24 @@ class IndexValidation:
 
     def wait(self) -> None:
         """Block until every part is done; raise the first part's BadIndex, else remember the index valid."""
-        errors = [_answer_of(*child) for child in self._children]
-        self._children = []
-        for error in errors:
-            if error is not None:
-                raise error
+        self._reap()
+        if self._error is not None:
+            raise self._error
         self._cache.mark_index_validated(self._digest)
 
     def close(self) -> None:
+        """Stop the parts still running (a later `wait` then refuses the index)."""
         for pid, _ in self._children:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for child in self._children:
-            _answer_of(*child)
-        self._children = []
+        self._reap()
+
+    def _reap(self) -> None:
+        while self._children:
+            error = _answer_of(*self._children.pop(0))
+            self._error = self._error or error
 
 
 def _fork_validator(index: Index, part: int) -> tuple[int, int]:

@@ -456,5 +456,8 @@ def test_an_index_is_validated_in_children_as_soon_as_it_is_fetched(directory: P
         assert validation is not None
         validation.close()
         assert _children() == before
+        with pytest.raises(BadIndex):  # stopped is not valid
+            validation.wait()
+        assert not cache.is_index_validated(bad[0])
         with pytest.raises(BadIndex, match="not a file name"):
             validate_index(bad[0].hex(), Index(_two_level_index(b"..")), cache)  # in this process
