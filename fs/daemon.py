@@ -8,7 +8,8 @@ The daemon fetches and validates the index itself, so a first start's fetches al
 chunk once: the chunks of the image's start-up profile come in a few large requests (ranges of the profile's pack)
 while it validates the index, and for a container root it also brings the root's other layers onto the host (the
 EROFS metadata image, fetched while the index is validated, and the hot layer, which it fills while the root
-already runs). The index is validated in a child process: a CPU of its own, not the GIL in turns with the fetches.
+already runs). The index is validated as soon as it is here, in two child processes at once
+(`coldbrew.fs.cache.IndexValidation`): CPUs of their own, not the GIL in turns with the fetches.
 
 Per mount, under /run/coldbrew/fs/ (named by a hash of the mount point): `KEY.json` (pid, mount point, image),
 `KEY.sock` (a control socket: `stats`, `save-profile`) and `KEY.log` (the daemon's log: fetch errors name the

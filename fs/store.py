@@ -48,8 +48,10 @@ class ChunkStore(Protocol):
         """Write (or replace) a named file atomically."""
 
     def read_named(self, name: str, start: int, end: int | None = None) -> ByteStream | None:
-        """A stream of the bytes from `start` to `end` (or its end) of a named file, or None when there is none.
-        `read(size)` on it gives at most `size` bytes, b"" at the end; close it. Raises StoreUnavailable."""
+        """A stream of a named file from `start`, or None when there is none. It holds the bytes up to `end` (or
+        the file's end) and may go on past `end` (a local file, a server that ignores ranges): read no more than
+        the range. `read(size)` on it gives at most `size` bytes, b"" at the end; close it. Raises
+        StoreUnavailable."""
 
     def describe(self) -> str:
         """Where the store is, for messages (a path or a URL)."""
