@@ -659,12 +659,14 @@ def fetch_index(reference: str, store: ChunkStore) -> bytes:
 
 
 def open_index(reference: str, store: ChunkStore, cache: ChunkCache, *,
-               validate: bool = False) -> tuple[Index, mmap.mmap, IndexValidation | None]:
+               validate: bool = False) -> tuple[Index, mmap.mmap | None, IndexValidation | None]:
     """The image's index, from the cache or else the store (then kept in the cache), checked against the reference,
-    its header read; not yet validated: use its metadata alone until then (raises FsError).
+    its header read, and the cache file's mapping it reads; not yet validated: use its metadata alone until then
+    (raises FsError).
 
-    With `validate`, its validation too, unless the cache remembers it valid: started as soon as its bytes are on
-    the host, it runs while the cache writes them. Wait on it before serving the index.
+    With `validate`, its validation too, unless the cache remembers it valid. An index fetched now is then read
+    from its fetched bytes (no mapping): its validation starts as soon as they are on the host and keeps them in
+    the cache meanwhile, so that the caller goes on at once. Wait on it before serving the index.
     """
     digest = objects.parse_reference(reference)
     path = cache.index_path(digest)
@@ -673,7 +675,8 @@ def open_index(reference: str, store: ChunkStore, cache: ChunkCache, *,
         if not os.path.exists(path):
             data = fetch_index(reference, store)
             if validate:
-                validation = IndexValidation(digest, Index(data), cache)
+                index = Index(data)
+                return index, None, IndexValidation(digest, index, cache, keep=data)
             cache.put_index(digest, data)
         with open(path, "rb") as file:
             mapped = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)
@@ -694,25 +697,36 @@ def open_index(reference: str, store: ChunkStore, cache: ChunkCache, *,
 class IndexValidation:
     """`Index.validate` of an image's index in forked child processes, one per part (`Index.validate_part`): each
     part takes a CPU of its own, instead of turns under the GIL with a busy daemon's fetch threads, and they take
-    the time of the longest. `wait` for the answer; `close` stops what still runs."""
+    the time of the longest. An index just fetched is put in the cache meanwhile, by a thread. `wait` for the
+    answer; `close` stops what still runs."""
 
-    def __init__(self, digest: bytes, index: Index, cache: ChunkCache) -> None:
+    def __init__(self, digest: bytes, index: Index, cache: ChunkCache, *, keep: bytes | None = None) -> None:
+        """`keep`: the index's bytes, fetched and checked against `digest`; a thread puts them in the cache."""
         self._digest = digest
         self._cache = cache
         self._children: list[tuple[int, int]] = []  # (pid, read end of the pipe it answers on)
         self._error: BadIndex | None = None
+        self._keeping: threading.Thread | None = None
+        self._keep_error: BaseException | None = None
         try:
             for part in range(VALIDATION_PARTS):
                 self._children.append(_fork_validator(index, part))
         except BaseException:
             self.close()
             raise
+        if keep is not None:  # after the forks, so that the parts start first
+            self._keeping = threading.Thread(target=self._keep, args=(keep,), name="keep-index")
+            self._keeping.start()
 
     def wait(self) -> None:
         """Block until every part is done; raise the first part's BadIndex, else remember the index valid."""
         self._reap()
+        if self._keeping is not None:
+            self._keeping.join()
         if self._error is not None:
             raise self._error
+        if self._keep_error is not None:
+            raise self._keep_error
         self._cache.mark_index_validated(self._digest)
 
     def close(self) -> None:
@@ -723,6 +737,14 @@ class IndexValidation:
             except ProcessLookupError:
                 pass
         self._reap()
+        if self._keeping is not None:
+            self._keeping.join()
+
+    def _keep(self, data: bytes) -> None:
+        try:
+            self._cache.put_index(self._digest, data)
+        except BaseException as error:  # raised by `wait`
+            self._keep_error = error
 
     def _reap(self) -> None:
         while self._children:

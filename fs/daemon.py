@@ -493,7 +493,8 @@ class _Server:
             self.listener.close()
             if self.index is not None:
                 self.index.release()
-                self._mapped.close()
+                if self._mapped is not None:
+                    self._mapped.close()
             if self.hot_layer is not None:
                 self.hot_layer.close()
             self.cache.close()

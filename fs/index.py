@@ -20,8 +20,8 @@ import stat
 import sys
 from bisect import bisect_right
 from dataclasses import dataclass
-from itertools import accumulate, chain, compress, count, filterfalse, repeat
-from operator import add, eq, ge, gt, lt, or_, sub
+from itertools import accumulate, chain, compress, count, repeat
+from operator import add, ge, gt, lt, or_
 from typing import Iterable, Iterator, Sequence
 
 from .errors import BadIndex
@@ -67,8 +67,21 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "heap": ("heap", "B"),
 }
 _ITEM_SIZE = {"I": 4, "Q": 8, "q": 8, "B": 1}
+# Validation reads each entry's file type as one byte, S_IFMT(mode) >> 12: the high half of the mode's second byte.
+_KIND_SHIFT = 12
 _FILE_TYPES = {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK}
-_LINK_OR_SPECIAL = _FILE_TYPES - {stat.S_IFREG, stat.S_IFDIR}
+_KIND_OF_BYTE = bytes(byte >> 4 for byte in range(256))
+_UNKNOWN_KINDS = bytes(kind for kind in range(16) if kind << _KIND_SHIFT not in _FILE_TYPES)
+
+
+def _kind_flags(*types: int) -> bytes:
+    """A `bytes.translate` table: 1 for the kinds of `types`, else 0."""
+    return bytes(int(kind << _KIND_SHIFT in types) for kind in range(256))
+
+
+_IS_REG, _IS_DIR = _kind_flags(stat.S_IFREG), _kind_flags(stat.S_IFDIR)
+_IS_LINK_OR_SPECIAL = _kind_flags(*_FILE_TYPES - {stat.S_IFREG, stat.S_IFDIR})
+_LINK = stat.S_IFLNK >> _KIND_SHIFT
 
 if sys.byteorder != "little":  # the columns are cast in place, which needs the file's byte order
     raise ImportError("coldbrew.fs reads its little-endian index in place and needs a little-endian host")
@@ -394,9 +407,10 @@ class Index:
     def validate(self) -> None:
         """Refuse a malformed or hostile index: every reference in bounds, names safe, the directories a tree.
 
-        Checks run column-wide in C (`map`, `compress`, `min`/`max` over lists of the columns), entry by entry only
-        to name what is wrong: validating a large image's index is on the path of its first start. They come in
-        `VALIDATION_PARTS` parts that share nothing, so that a mount can run them at once (`validate_part`).
+        Checks run column-wide in C (`map`, `compress`, `min`/`max` over lists of the columns, `bytes.translate`
+        over the entries' file types, one byte each), entry by entry only to name what is wrong: validating a large
+        image's index is on the path of its first start. They come in `VALIDATION_PARTS` parts that share nothing,
+        so that a mount can run them at once (`validate_part`).
         """
         for part in range(VALIDATION_PARTS):
             self.validate_part(part)
@@ -404,29 +418,28 @@ class Index:
     def validate_part(self, part: int) -> None:
         """Part 0 of `validate`: the entries' references, their chunks and xattrs; part 1: the directory tree."""
         heap = self._heap_bytes.tobytes()
-        kinds = list(map(stat.S_IFMT, self._mode))
-        if kinds[0] != stat.S_IFDIR:
+        kinds = bytes(self._mode.cast("B")[1::4]).translate(_KIND_OF_BYTE)  # S_IFMT(mode) >> 12 of each entry
+        if kinds[0] != stat.S_IFDIR >> _KIND_SHIFT:
             raise BadIndex("entries[1]", "the root is not a directory")
-        unknown = set(kinds) - _FILE_TYPES
-        if unknown:
-            i = min(map(kinds.index, unknown))
+        if kinds.translate(None, _UNKNOWN_KINDS) != kinds:
+            i = _first_true(map(_UNKNOWN_KINDS.__contains__, kinds))
             raise BadIndex(f"entries[{i + 1}]", f"mode {self._mode[i]:o} is no file type")
         ref_first, ref_count = self._ref_first.tolist(), self._ref_count.tolist()
         if part == 0:
             self._validate_entries(kinds, ref_first, ref_count, heap)
-            files = _rows_of_kind(kinds, stat.S_IFREG)
+            files = _rows_of_kind(kinds, _IS_REG)
             self._validate_chunks(files, _tiling(files, ref_first, ref_count, self.chunk_count, "chunks"))
             self._validate_xattrs(len(heap))
         else:
-            dirs = _rows_of_kind(kinds, stat.S_IFDIR)
+            dirs = _rows_of_kind(kinds, _IS_DIR)
             dirent_counts = _tiling(dirs, ref_first, ref_count, self.dirent_count, "dirents")
             self._validate_tree(kinds, dirs, dirent_counts, heap)
 
-    def _validate_entries(self, kinds: list[int], ref_first: list[int], ref_count: list[int], heap: bytes) -> None:
+    def _validate_entries(self, kinds: bytes, ref_first: list[int], ref_count: list[int], heap: bytes) -> None:
         """Symlink targets and special files' references, xattr ranges, parents."""
-        for i in compress(range(len(kinds)), map(_LINK_OR_SPECIAL.__contains__, kinds)):
+        for i in _rows_of_kind(kinds, _IS_LINK_OR_SPECIAL):
             first, count = ref_first[i], ref_count[i]
-            if kinds[i] == stat.S_IFLNK:
+            if kinds[i] == _LINK:
                 if not 0 < count <= MAX_SYMLINK or first + count > len(heap):
                     raise BadIndex(f"entries[{i + 1}]", f"symlink target [{first}, +{count}] out of bounds")
                 if b"\0" in heap[first: first + count]:
@@ -442,26 +455,27 @@ class Index:
             raise BadIndex(f"entries[{i + 1}]", f"parent {self._parent[i]} out of bounds")
 
     def _validate_chunks(self, files: list[int], counts: list[int]) -> None:
-        """Each file's chunks (consecutive, see `_tiling`) in order, not overlapping, inside the file: a chunk that
-        starts before the end of the one before it must be its file's first, and each file's last chunk ends
-        inside it (lengths are at least 1, so the ends before it are smaller)."""
+        """Each file's chunks (consecutive, see `_tiling`) inside it and, in a file of several, each starting at or
+        after the end of the one before it."""
         offsets, lengths = self._chunk_offset.tolist(), self._chunk_length.tolist()
         c = _first_outside(lengths, 1, MAX_CHUNK_SIZE)
         if c is not None:
             raise BadIndex(f"chunks[{c}]", f"length {lengths[c]} out of bounds")
         ends = list(map(add, offsets, lengths))
-        file_ends = list(accumulate(counts))  # past each file's last chunk
-        firsts = set(map(sub, file_ends, counts))
-        early = filterfalse(firsts.__contains__, compress(count(1), map(lt, offsets[1:], ends)))
-        c = next(early, None)
-        if c is None:
-            sizes = compress(map(self._size.__getitem__, files), counts)
-            last_ends = map(ends.__getitem__, map(sub, compress(file_ends, counts), repeat(1)))
-            f = _first_true(map(gt, last_ends, sizes))
-            if f is None:
+        sizes = self._size.tolist()
+        owner_sizes = chain.from_iterable(map(repeat, map(sizes.__getitem__, files), counts))
+        c = _first_true(map(gt, ends, owner_sizes))
+        if c is None:  # most files are one chunk: the few of several are read chunk by chunk
+            for f in compress(count(), map(gt, counts, repeat(1))):
+                first = self._ref_first[files[f]]
+                end = first + counts[f]
+                starts_early = map(lt, offsets[first + 1: end], ends[first: end - 1])
+                c = next(compress(range(first + 1, end), starts_early), None)
+                if c is not None:
+                    break
+            else:
                 return
-            c = list(compress(file_ends, counts))[f] - 1
-        size = self._size[files[bisect_right(file_ends, c)]]
+        size = sizes[files[bisect_right(list(accumulate(counts)), c)]]
         raise BadIndex(f"chunks[{c}]", f"[{offsets[c]}, +{lengths[c]}] overlaps or lies outside its file of "
                                        f"{size} bytes")
 
@@ -474,7 +488,7 @@ class Index:
             if not 0 < self._xattr_name_len[x] <= MAX_NAME:
                 raise BadIndex(f"xattrs[{x}]", "name length out of bounds")
 
-    def _validate_tree(self, kinds: list[int], dirs: list[int], counts: list[int], heap: bytes) -> None:
+    def _validate_tree(self, kinds: bytes, dirs: list[int], counts: list[int], heap: bytes) -> None:
         """Dirent names safe and sorted within each directory, inodes in bounds, each directory below the root
         named exactly once, by its parent (no cycles, no directory hardlinks)."""
         lengths, inodes = self._dirent_name_len.tolist(), self._dirent_ino.tolist()
@@ -501,8 +515,8 @@ class Index:
             raise BadIndex(f"dirents[{d}]", f"inode {inodes[d]} out of bounds")
         owners = list(chain.from_iterable(map(repeat, map(add, dirs, repeat(1)), counts)))
         named = {1}
-        for d in compress(range(len(inodes)), map(eq, map(kinds.__getitem__, map(sub, inodes, repeat(1))),
-                                                  repeat(stat.S_IFDIR))):
+        is_dir_by_ino = (b"\0" + kinds).translate(_IS_DIR)
+        for d in compress(range(len(inodes)), map(is_dir_by_ino.__getitem__, inodes)):
             child = inodes[d]
             if child in named or self._parent[child - 1] != owners[d]:
                 raise BadIndex(f"dirents[{d}]", f"directory {child} is linked twice or from the wrong parent")
@@ -521,8 +535,9 @@ def _first_outside(column: Sequence[int], low: int, high: int) -> int | None:
     return _first_true(map(or_, map(lt, column, repeat(low)), map(gt, column, repeat(high))))
 
 
-def _rows_of_kind(kinds: list[int], kind: int) -> list[int]:
-    return list(compress(range(len(kinds)), map(eq, kinds, repeat(kind))))
+def _rows_of_kind(kinds: bytes, flags: bytes) -> list[int]:
+    """The rows whose kind `flags` (a `_kind_flags` table) marks."""
+    return list(compress(range(len(kinds)), kinds.translate(flags)))
 
 
 def _tiling(rows: list[int], ref_first: list[int], ref_count: list[int], total: int, table: str) -> list[int]:

@@ -439,12 +439,17 @@ def test_an_index_is_validated_in_children_as_soon_as_it_is_fetched(directory: P
         before = _children()
         index, mapped, validation = open_index(good[0].hex(), store, cache, validate=True)
         assert validation is not None and len(_children() - before) == VALIDATION_PARTS
+        assert mapped is None and index.child_count(1) == 1  # read from the fetched bytes
         assert not cache.is_index_validated(good[0])
         validation.wait()
         assert cache.is_index_validated(good[0]) and _children() == before  # each child reaped
+        with open(cache.index_path(good[0]), "rb") as kept:  # put in the cache while it was validated
+            assert kept.read() == _two_level_index(b"sub")
+        index.release()
+        index, mapped, validation = open_index(good[0].hex(), store, cache, validate=True)
+        assert validation is None and mapped is not None  # remembered valid, read from the cache's file
         index.release()
         mapped.close()
-        assert open_index(good[0].hex(), store, cache, validate=True)[2] is None  # remembered valid
 
         index, mapped, validation = open_index(bad[0].hex(), store, cache, validate=True)
         with pytest.raises(BadIndex, match="not a file name"):
