@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import lmdb
 
 from . import objects
-from .errors import BadIndex, BadReference, ChunkMissing, CorruptChunk, FsError
+from .errors import BadIndex, BadReference, ChunkMissing, CorruptChunk, FsError, StoreUnavailable
 from .index import MAX_INDEX_SIZE, VALIDATION_PARTS, Index
 from .objects import DIGEST_SIZE, digest_of
 
@@ -648,14 +648,20 @@ def _add_counter(txn: lmdb.Transaction, db: object, key: bytes, delta: int) -> N
     txn.put(key, _COUNTER.pack(max(0, _counter(txn, db, key) + delta)), db=db)
 
 
-def fetch_index(reference: str, store: ChunkStore) -> bytes:
+def fetch_index(reference: str, store: ChunkStore) -> bytes | bytearray:
     """An image's index from the store, checked against the reference; not yet validated (raises FsError)."""
     digest = objects.parse_reference(reference)
     try:
-        stored = store.get(digest)
+        stream = store.stream(digest)
     except ChunkMissing:
         raise BadReference(f"image {reference} is not in the store {store.describe()}") from None
-    return objects.decode(digest, stored, MAX_INDEX_SIZE)
+    try:
+        # Decompressed while it arrives: an image's index is megabytes, and everything waits for it.
+        return objects.decode_stream(digest, stream, MAX_INDEX_SIZE)
+    except StoreUnavailable:  # broken midway: once more, whole, with the store's retries
+        return objects.decode(digest, store.get(digest), MAX_INDEX_SIZE)
+    finally:
+        stream.close()
 
 
 def open_index(reference: str, store: ChunkStore, cache: ChunkCache, *,
@@ -700,7 +706,8 @@ class IndexValidation:
     the time of the longest. An index just fetched is put in the cache meanwhile, by a thread. `wait` for the
     answer; `close` stops what still runs."""
 
-    def __init__(self, digest: bytes, index: Index, cache: ChunkCache, *, keep: bytes | None = None) -> None:
+    def __init__(self, digest: bytes, index: Index, cache: ChunkCache, *,
+                 keep: bytes | bytearray | None = None) -> None:
         """`keep`: the index's bytes, fetched and checked against `digest`; a thread puts them in the cache."""
         self._digest = digest
         self._cache = cache
@@ -740,7 +747,7 @@ class IndexValidation:
         if self._keeping is not None:
             self._keeping.join()
 
-    def _keep(self, data: bytes) -> None:
+    def _keep(self, data: bytes | bytearray) -> None:
         try:
             self._cache.put_index(self._digest, data)
         except BaseException as error:  # raised by `wait`

@@ -59,6 +59,14 @@ class HttpStore:
             raise ChunkMissing(digest, self.base_url)
         return response.data
 
+    def stream(self, digest: bytes) -> ByteStream:
+        response = self._request("GET", object_path(digest), stream=True)
+        if response.status == 404:
+            response.drain_conn()
+            response.release_conn()
+            raise ChunkMissing(digest, self.base_url)
+        return _Body(response, self.url_of(digest))
+
     def has(self, digest: bytes) -> bool:
         return self._request("HEAD", object_path(digest)).status == 200
 

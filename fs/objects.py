@@ -7,14 +7,20 @@ object read back is decompressed (bounded by the size the reader expects) and ha
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 import blake3
 import zstandard
 
 from .errors import BadReference, CorruptChunk
 
+if TYPE_CHECKING:
+    from .store import ByteStream
+
 DIGEST_SIZE = 32
 COMPRESSION_LEVEL = 3
+# ZSTD_FRAMEHEADERSIZE_MAX: the bytes of a frame that state its size.
+_FRAME_HEADER_MAX = 18
 # Above this size blake3 hashes on several threads; below it the thread start costs more than it saves.
 _PARALLEL_HASH_MIN = 1 << 20
 
@@ -68,6 +74,56 @@ def decode(digest: bytes, stored: bytes, max_size: int) -> bytes:
     if digest_of(raw) != digest:
         raise CorruptChunk(digest, f"its data hashes to {digest_of(raw).hex()}")
     return raw
+
+
+def decode_stream(digest: bytes, stream: ByteStream, max_size: int) -> bytes | bytearray:
+    """`decode` of an object read from a stream (`ChunkStore.stream`): decompressed into place and hashed as its
+    bytes arrive, so that little is left to do after the last one. Raises CorruptChunk, never returns wrong bytes;
+    the stream's own errors (StoreUnavailable) go through."""
+    head = b""
+    while len(head) < _FRAME_HEADER_MAX and (part := stream.read(_FRAME_HEADER_MAX - len(head))):
+        head += part
+    try:
+        size = zstandard.get_frame_parameters(head).content_size
+    except zstandard.ZstdError as error:
+        raise CorruptChunk(digest, f"not a zstd frame ({error})") from None
+    if size == zstandard.CONTENTSIZE_UNKNOWN:  # a frame that does not state its size: read it whole
+        parts = [head]
+        while part := stream.read(1 << 20):
+            parts.append(part)
+        return decode(digest, b"".join(parts), max_size)
+    if size > max_size:
+        raise CorruptChunk(digest, f"claims {size} bytes, at most {max_size} expected")
+    raw = bytearray(size)
+    view = memoryview(raw)
+    hasher = blake3.blake3()
+    filled = 0
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(_Prefixed(head, stream), closefd=False) as reader:
+            while filled < size and (count := reader.readinto(view[filled:])):
+                hasher.update(view[filled: filled + count])
+                filled += count
+    except zstandard.ZstdError as error:
+        raise CorruptChunk(digest, f"does not decompress ({error})") from None
+    if filled < size:
+        raise CorruptChunk(digest, f"ends after {filled} of the {size} bytes it claims")
+    if hasher.digest() != digest:
+        raise CorruptChunk(digest, f"its data hashes to {hasher.hexdigest()}")
+    return raw
+
+
+class _Prefixed:
+    """A stream whose first bytes were read already (`head`), as a source for zstandard's stream reader."""
+
+    def __init__(self, head: bytes, stream: ByteStream) -> None:
+        self._head = head
+        self._stream = stream
+
+    def read(self, size: int) -> bytes:
+        if self._head:
+            part, self._head = self._head[:size], self._head[size:]
+            return part
+        return self._stream.read(size)
 
 
 def parse_reference(text: str) -> bytes:

@@ -36,6 +36,10 @@ class ChunkStore(Protocol):
     def get(self, digest: bytes) -> bytes:
         """The stored bytes of an object. Raises ChunkMissing, or StoreUnavailable when the store cannot answer."""
 
+    def stream(self, digest: bytes) -> ByteStream:
+        """The stored bytes of an object as they arrive (`objects.decode_stream`); close it. Raises as `get`
+        does, and its reads raise StoreUnavailable when the store fails midway."""
+
     def put(self, digest: bytes, stored: bytes) -> None:
         """Store an object; idempotent, and atomic: a reader sees all of it or none."""
 
@@ -78,6 +82,12 @@ class LocalStore:
         try:
             with open(os.path.join(self.root, object_path(digest)), "rb") as file:
                 return file.read()
+        except FileNotFoundError:
+            raise ChunkMissing(digest, self.root) from None
+
+    def stream(self, digest: bytes) -> ByteStream:
+        try:
+            return open(os.path.join(self.root, object_path(digest)), "rb")
         except FileNotFoundError:
             raise ChunkMissing(digest, self.root) from None
 

@@ -13,6 +13,7 @@ import pytest
 
 from coldbrew.bench.nginx import NginxError, NginxServer
 from coldbrew.fs import objects
+from coldbrew.fs.cache import fetch_index
 from coldbrew.fs.errors import ChunkMissing, CorruptChunk, StoreUnavailable
 from coldbrew.fs.httpstore import HttpStore
 from coldbrew.fs.store import LocalStore, object_path
@@ -86,6 +87,55 @@ def test_corrupt_object_behind_nginx_is_refused_by_decode(served, damage: str) -
     with pytest.raises(CorruptChunk) as caught:
         objects.decode(digest, served_bytes, len(raw))
     assert digest.hex() in str(caught.value)
+    for source in (store, LocalStore(str(root))):  # and as a stream, decoded while it arrives
+        stream = source.stream(digest)
+        with pytest.raises(CorruptChunk, match=digest.hex()):
+            objects.decode_stream(digest, stream, len(raw))
+        stream.close()
+
+
+def test_an_object_streams_from_nginx_and_from_the_directory_alike(served) -> None:
+    root, server = served
+    store = HttpStore(server.url)
+    (digest, stored, raw), = _objects(1, 3 << 20)
+    store.put(digest, stored)
+    for source in (store, LocalStore(str(root))):
+        stream = source.stream(digest)
+        assert objects.decode_stream(digest, stream, len(raw)) == raw
+        assert stream.read(1) == b""  # read to its end: the connection goes back to the pool whole
+        stream.close()
+    with pytest.raises(ChunkMissing, match=server.url):
+        store.stream(objects.digest_of(b"never stored"))
+    with pytest.raises(ChunkMissing, match=str(root)):
+        LocalStore(str(root)).stream(objects.digest_of(b"never stored"))
+    methods = [method for method, path, _status in server.requests() if path.endswith(digest.hex())]
+    assert methods == ["HEAD", "PUT", "GET"]
+
+
+def test_an_index_broken_midway_is_fetched_again_whole() -> None:
+    """`fetch_index` streams; a server that drops the connection halfway through the body gets asked again."""
+    index = objects.encode(os.urandom(1 << 16))
+    digest, stored = index
+    requests: list[bytes] = []
+
+    def serve(listener: socket.socket) -> None:
+        for _ in range(2):
+            connection, _ = listener.accept()
+            with connection:
+                requests.append(connection.recv(4096).split(b"\r\n", 1)[0])
+                body = stored if len(requests) > 1 else stored[: len(stored) // 2]
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                                   % len(stored) + body)
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        server = threading.Thread(target=serve, args=(listener,))
+        server.start()
+        store = HttpStore(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=5)
+        assert fetch_index(digest.hex(), store) == objects.decompress(stored, 1 << 20)
+        server.join()
+    assert requests == [f"GET /{object_path(digest)} HTTP/1.1".encode()] * 2
 
 
 def test_stopped_server_is_unavailable_after_bounded_retries_then_recovers(served) -> None:
