@@ -666,9 +666,9 @@ def fetch_index(reference: str, store: ChunkStore) -> bytes | bytearray:
 
 def open_index(reference: str, store: ChunkStore, cache: ChunkCache, *,
                validate: bool = False) -> tuple[Index, mmap.mmap | None, IndexValidation | None]:
-    """The image's index, from the cache or else the store (then kept in the cache), checked against the reference,
-    its header read, and the cache file's mapping it reads; not yet validated: use its metadata alone until then
-    (raises FsError).
+    """(index, the mapping of the cache's file it reads, validation): the image's index, from the cache or else
+    the store (then kept in the cache), checked against the reference, its header read; not yet validated: use its
+    metadata alone until then (raises FsError).
 
     With `validate`, its validation too, unless the cache remembers it valid. An index fetched now is then read
     from its fetched bytes (no mapping): its validation starts as soon as they are on the host and keeps them in
