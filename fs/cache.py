@@ -676,27 +676,22 @@ def open_index(reference: str, store: ChunkStore, cache: ChunkCache, *,
     """
     digest = objects.parse_reference(reference)
     path = cache.index_path(digest)
-    validation = None
+    if not os.path.exists(path):
+        data = fetch_index(reference, store)
+        if validate:
+            index = Index(data)
+            return index, None, IndexValidation(digest, index, cache, keep=data)
+        cache.put_index(digest, data)
+    with open(path, "rb") as file:
+        mapped = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)
     try:
-        if not os.path.exists(path):
-            data = fetch_index(reference, store)
-            if validate:
-                index = Index(data)
-                return index, None, IndexValidation(digest, index, cache, keep=data)
-            cache.put_index(digest, data)
-        with open(path, "rb") as file:
-            mapped = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)
-        try:
-            index = Index(mapped)
-        except BaseException:
-            _close_mapping(mapped)
-            raise
-        if validate and validation is None and not cache.is_index_validated(digest):
-            validation = IndexValidation(digest, index, cache)
+        index = Index(mapped)
     except BaseException:
-        if validation is not None:
-            validation.close()
+        _close_mapping(mapped)
         raise
+    validation = None
+    if validate and not cache.is_index_validated(digest):
+        validation = IndexValidation(digest, index, cache)  # closes what it started if it fails
     return index, mapped, validation
 
 

@@ -50,15 +50,24 @@ def encode(data: bytes | memoryview, level: int = COMPRESSION_LEVEL) -> tuple[by
     return digest_of(data), compress(data, level)
 
 
-def decompress(data: bytes, max_size: int) -> bytes:
-    """The bytes of one zstd frame; ValueError when it is not one or would exceed `max_size` (a frame that states
-    its size is refused before anything is allocated: zstandard would allocate what it states)."""
+def _stated_size(frame_start: bytes, max_size: int) -> int | None:
+    """The size a zstd frame states in its header (None: it states none); ValueError when `frame_start` is no
+    frame's start or the size exceeds `max_size` (zstandard would allocate what a frame states)."""
     try:
-        params = zstandard.get_frame_parameters(data)
+        size = zstandard.get_frame_parameters(frame_start).content_size
     except zstandard.ZstdError as error:
         raise ValueError(f"not a zstd frame ({error})") from None
-    if params.content_size != zstandard.CONTENTSIZE_UNKNOWN and params.content_size > max_size:
-        raise ValueError(f"claims {params.content_size} bytes, at most {max_size} expected")
+    if size == zstandard.CONTENTSIZE_UNKNOWN:
+        return None
+    if size > max_size:
+        raise ValueError(f"claims {size} bytes, at most {max_size} expected")
+    return size
+
+
+def decompress(data: bytes, max_size: int) -> bytes:
+    """The bytes of one zstd frame; ValueError when it is not one or would exceed `max_size` (a frame that states
+    its size is refused before anything is allocated)."""
+    _stated_size(data, max_size)
     try:
         return zstandard.ZstdDecompressor().decompress(data, max_output_size=max_size)
     except zstandard.ZstdError as error:
@@ -84,16 +93,14 @@ def decode_stream(digest: bytes, stream: ByteStream, max_size: int) -> bytes | b
     while len(head) < _FRAME_HEADER_MAX and (part := stream.read(_FRAME_HEADER_MAX - len(head))):
         head += part
     try:
-        size = zstandard.get_frame_parameters(head).content_size
-    except zstandard.ZstdError as error:
-        raise CorruptChunk(digest, f"not a zstd frame ({error})") from None
-    if size == zstandard.CONTENTSIZE_UNKNOWN:  # a frame that does not state its size: read it whole
+        size = _stated_size(head, max_size)
+    except ValueError as error:
+        raise CorruptChunk(digest, str(error)) from None
+    if size is None:  # a frame that does not state its size: read it whole
         parts = [head]
         while part := stream.read(1 << 20):
             parts.append(part)
         return decode(digest, b"".join(parts), max_size)
-    if size > max_size:
-        raise CorruptChunk(digest, f"claims {size} bytes, at most {max_size} expected")
     raw = bytearray(size)
     view = memoryview(raw)
     hasher = blake3.blake3()
