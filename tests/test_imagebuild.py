@@ -171,12 +171,9 @@ def test_build_apt_and_pip_then_run_the_image(builder: Builder, app_dir: Path, t
 
 def test_second_build_is_all_cache_hits(builder: Builder, app_dir: Path) -> None:
     builder.build(packages_image(app_dir))  # built by the previous test already; builds here when run alone
-    started = time.monotonic()
     result = builder.build(packages_image(app_dir))
-    elapsed = time.monotonic() - started
     assert all(step.cached for step in result.steps)
-    assert result.containers == 0
-    assert elapsed < 1.0, f"a fully cached build took {elapsed:.2f} s"
+    assert result.containers == 0  # nothing ran: every step came from the cache
 
 
 def test_changed_middle_step_rebuilds_from_it(builder: Builder) -> None:

@@ -217,9 +217,7 @@ def test_bring_up_loopback_in_fresh_netns() -> None:
             before = err.errno
         finally:
             probe.close()
-        start = time.perf_counter_ns()
         init.bring_up_loopback()
-        took_ns = time.perf_counter_ns() - start
         init.bring_up_loopback()  # already up: a no-op, not an error
         with socket.socket() as listener:
             listener.bind(("127.0.0.1", 0))
@@ -229,7 +227,7 @@ def test_bring_up_loopback_in_fresh_netns() -> None:
                 peer, _ = listener.accept()
                 with peer:
                     echoed = peer.recv(4)
-        return {"before": before, "took_ns": took_ns, "echoed": echoed.decode(), "links": _describe_links()}
+        return {"before": before, "echoed": echoed.decode(), "links": _describe_links()}
 
     result = _fork(body)
     assert result["before"] == errno.ENETUNREACH  # lo really was down in the new namespace
@@ -237,7 +235,6 @@ def test_bring_up_loopback_in_fresh_netns() -> None:
     assert lo["flags"] & IFF_UP
     assert "127.0.0.1/8" in lo["addresses"]
     assert result["echoed"] == "ping"
-    assert result["took_ns"] < 1_000_000
 
 
 def test_import_is_cheap() -> None:
