@@ -28,17 +28,16 @@ import fcntl
 import mmap
 import os
 import shutil
-import signal
 import struct
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import lmdb
 
 from . import objects
-from .errors import BadIndex, BadReference, ChunkMissing, CorruptChunk, FsError, StoreUnavailable
-from .index import MAX_INDEX_SIZE, VALIDATION_PARTS, Index
+from .errors import BadReference, ChunkMissing, CorruptChunk, FsError, StoreUnavailable
+from .index import MAX_INDEX_SIZE, Index
 from .objects import DIGEST_SIZE, digest_of
 
 if TYPE_CHECKING:
@@ -696,95 +695,42 @@ def open_index(reference: str, store: ChunkStore, cache: ChunkCache, *,
 
 
 class IndexValidation:
-    """`Index.validate` of an image's index in forked child processes, one per part (`Index.validate_part`): each
-    part takes a CPU of its own, instead of turns under the GIL with a busy daemon's fetch threads, and they take
-    the time of the longest. An index just fetched is put in the cache meanwhile, by a thread. `wait` for the
-    answer; `close` stops what still runs."""
+    """`Index.validate` of an image's index on a thread, so that the caller goes on with its fetches meanwhile; an
+    index just fetched is put in the cache at the same time, by another thread. `wait` for the answer; `close` waits
+    for both without one."""
 
     def __init__(self, digest: bytes, index: Index, cache: ChunkCache, *,
                  keep: bytes | bytearray | None = None) -> None:
-        """`keep`: the index's bytes, fetched and checked against `digest`; a thread puts them in the cache."""
+        """`keep`: the index's bytes, fetched and checked against `digest`, to put in the cache."""
         self._digest = digest
         self._cache = cache
-        self._children: list[tuple[int, int]] = []  # (pid, read end of the pipe it answers on)
-        self._error: BadIndex | None = None
-        self._keeping: threading.Thread | None = None
-        self._keep_error: BaseException | None = None
-        try:
-            for part in range(VALIDATION_PARTS):
-                self._children.append(_fork_validator(index, part))
-        except BaseException:
-            self.close()
-            raise
-        if keep is not None:  # after the forks, so that the parts start first
-            self._keeping = threading.Thread(target=self._keep, args=(keep,), name="keep-index")
-            self._keeping.start()
+        work = [("validate-index", index.validate)]
+        if keep is not None:
+            work.append(("keep-index", lambda: cache.put_index(digest, keep)))
+        self._errors: list[BaseException | None] = [None] * len(work)  # what each raised: `wait` raises it
+        self._threads = [threading.Thread(target=self._run, args=(slot, step), name=name)
+                         for slot, (name, step) in enumerate(work)]
+        for thread in self._threads:
+            thread.start()
 
     def wait(self) -> None:
-        """Block until every part is done; raise the first part's BadIndex, else remember the index valid."""
-        self._reap()
-        if self._keeping is not None:
-            self._keeping.join()
-        if self._error is not None:
-            raise self._error
-        if self._keep_error is not None:
-            raise self._keep_error
+        """Block until it is validated and kept; raise BadIndex or the cache's error, else remember it valid."""
+        self.close()
+        for error in self._errors:
+            if error is not None:
+                raise error
         self._cache.mark_index_validated(self._digest)
 
     def close(self) -> None:
-        """Stop the parts still running (a later `wait` then refuses the index)."""
-        for pid, _ in self._children:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self._reap()
-        if self._keeping is not None:
-            self._keeping.join()
+        for thread in self._threads:
+            thread.join()
 
-    def _keep(self, data: bytes | bytearray) -> None:
+    def _run(self, slot: int, step: Callable[[], None]) -> None:
         try:
-            self._cache.put_index(self._digest, data)
-        except BaseException as error:  # raised by `wait`
-            self._keep_error = error
-
-    def _reap(self) -> None:
-        while self._children:
-            error = _answer_of(*self._children.pop(0))
-            self._error = self._error or error
-
-
-def _fork_validator(index: Index, part: int) -> tuple[int, int]:
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child validates and exits; it touches nothing the parent's other threads may hold
-        status = 0
-        try:
-            index.validate_part(part)
-        except BadIndex as error:
-            os.write(write_end, f"{error.where}\0{error.message}".encode())
-            status = 1
+            step()
         except BaseException as error:
-            os.write(write_end, f"\0cannot be validated: {error!r}".encode())
-            status = 1
-        finally:
-            os._exit(status)
-    os.close(write_end)
-    return pid, read_end
-
-
-def _answer_of(pid: int, read_end: int) -> BadIndex | None:
-    """A validating child's BadIndex, or None when it found none; reaps it."""
-    try:
-        with os.fdopen(read_end, "rb", closefd=False) as pipe:
-            answer = pipe.read()
-        status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    finally:
-        os.close(read_end)
-    if not status:
-        return None
-    where, _, message = answer.decode(errors="replace").partition("\0")
-    return BadIndex(where, message or f"its validating process ended with status {status}")
+            # Without its frames: they hold views of the index's buffer, and a mapping cannot close while they live.
+            self._errors[slot] = error.with_traceback(None)
 
 
 def validate_index(reference: str, index: Index, cache: ChunkCache) -> None:

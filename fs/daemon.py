@@ -8,8 +8,7 @@ The daemon fetches and validates the index itself, so a first start's fetches al
 chunk once: the chunks of the image's start-up profile come in a few large requests (ranges of the profile's pack)
 while it validates the index, and for a container root it also brings the root's other layers onto the host (the
 EROFS metadata image, fetched while the index is validated, and the hot layer, which it fills while the root
-already runs). The index is validated as soon as it is here, in two child processes at once
-(`coldbrew.fs.cache.IndexValidation`): CPUs of their own, not the GIL in turns with the fetches.
+already runs). The index is validated as soon as it is here, on a thread (`coldbrew.fs.cache.IndexValidation`).
 
 Per mount, under /run/coldbrew/fs/ (named by a hash of the mount point): `KEY.json` (pid, mount point, image),
 `KEY.sock` (a control socket: `stats`, `save-profile`) and `KEY.log` (the daemon's log: fetch errors name the
@@ -348,15 +347,16 @@ def main(argv: list[str] | None = None) -> int:
 def serve_mounts(socket_path: str = MOUNT_SERVER_SOCKET) -> int:
     """Serve mount requests until SIGTERM or SIGINT: each mount's daemon is forked from this process.
 
-    A daemon started from scratch spends most of its start importing trio, pyfuse3 and lmdb (a quarter to half a
-    second with a cold page cache, more than the rest of a container's start); forked from here it starts with
+    A daemon started from scratch spends most of its start importing trio, pyfuse3, lmdb and numpy (a quarter to
+    half a second with a cold page cache, more than the rest of a container's start); forked from here it starts with
     them loaded. No thread and no event loop runs here, so forking is safe; children are reaped by the kernel.
     """
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS would start a thread pool; nothing here uses it
     import lmdb._envid  # noqa: F401  (loaded before forking is the point; lmdb loads this on first open)
     import pyfuse3  # noqa: F401
     import trio  # noqa: F401
 
-    from . import cache, erofs, fetch, hotlayer, httpstore, imagefs, profile, store  # noqa: F401
+    from . import cache, erofs, fetch, hotlayer, httpstore, imagefs, indexcheck, profile, store  # noqa: F401
 
     os.makedirs(os.path.dirname(socket_path), mode=0o700, exist_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -18,11 +18,8 @@ from __future__ import annotations
 import json
 import stat
 import sys
-from bisect import bisect_right
 from dataclasses import dataclass
-from itertools import accumulate, chain, compress, count, repeat
-from operator import add, ge, gt, lt, or_
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator
 
 from .errors import BadIndex
 from .objects import DIGEST_SIZE
@@ -37,8 +34,6 @@ MAX_NAME = 255
 MAX_SYMLINK = 4095
 MAX_ENTRIES = 1 << 28
 MAX_HEADER = 1 << 16
-# `Index.validate` comes in this many independent parts (`Index.validate_part`).
-VALIDATION_PARTS = 2
 
 # Column name -> (table, typecode). Typecodes are fixed here, never read from the file.
 COLUMNS: dict[str, tuple[str, str]] = {
@@ -67,21 +62,6 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "heap": ("heap", "B"),
 }
 _ITEM_SIZE = {"I": 4, "Q": 8, "q": 8, "B": 1}
-# Validation reads each entry's file type as one byte, S_IFMT(mode) >> 12: the high half of the mode's second byte.
-_KIND_SHIFT = 12
-_FILE_TYPES = {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK}
-_KIND_OF_BYTE = bytes(byte >> 4 for byte in range(256))
-_UNKNOWN_KINDS = bytes(kind for kind in range(16) if kind << _KIND_SHIFT not in _FILE_TYPES)
-
-
-def _kind_flags(*types: int) -> bytes:
-    """A `bytes.translate` table: 1 for the kinds of `types`, else 0."""
-    return bytes(int(kind << _KIND_SHIFT in types) for kind in range(256))
-
-
-_IS_REG, _IS_DIR = _kind_flags(stat.S_IFREG), _kind_flags(stat.S_IFDIR)
-_IS_LINK_OR_SPECIAL = _kind_flags(*_FILE_TYPES - {stat.S_IFREG, stat.S_IFDIR})
-_LINK = stat.S_IFLNK >> _KIND_SHIFT
 
 if sys.byteorder != "little":  # the columns are cast in place, which needs the file's byte order
     raise ImportError("coldbrew.fs reads its little-endian index in place and needs a little-endian host")
@@ -405,152 +385,13 @@ class Index:
     # -- validation ----------------------------------------------------------------------------------------------
 
     def validate(self) -> None:
-        """Refuse a malformed or hostile index: every reference in bounds, names safe, the directories a tree.
+        """Refuse a malformed or hostile index: every reference in bounds, names safe, the directories a tree
+        (raises BadIndex). Checks run column-wide, with numpy (`coldbrew.fs.indexcheck`, imported here: only an
+        index that no cache remembers valid needs it)."""
+        from .indexcheck import validate
 
-        Checks run column-wide in C (`map`, `compress`, `min`/`max` over lists of the columns, `bytes.translate`
-        over the entries' file types, one byte each), entry by entry only to name what is wrong: validating a large
-        image's index is on the path of its first start. They come in `VALIDATION_PARTS` parts that share nothing,
-        so that a mount can run them at once (`validate_part`).
-        """
-        for part in range(VALIDATION_PARTS):
-            self.validate_part(part)
+        validate(self)
 
-    def validate_part(self, part: int) -> None:
-        """Part 0 of `validate`: the entries' references, their chunks and xattrs; part 1: the directory tree."""
-        heap = self._heap_bytes.tobytes()
-        kinds = bytes(self._mode.cast("B")[1::4]).translate(_KIND_OF_BYTE)  # S_IFMT(mode) >> 12 of each entry
-        if kinds[0] != stat.S_IFDIR >> _KIND_SHIFT:
-            raise BadIndex("entries[1]", "the root is not a directory")
-        if kinds.translate(None, _UNKNOWN_KINDS) != kinds:
-            i = _first_true(map(_UNKNOWN_KINDS.__contains__, kinds))
-            raise BadIndex(f"entries[{i + 1}]", f"mode {self._mode[i]:o} is no file type")
-        ref_first, ref_count = self._ref_first.tolist(), self._ref_count.tolist()
-        if part == 0:
-            self._validate_entries(kinds, ref_first, ref_count, heap)
-            files = _rows_of_kind(kinds, _IS_REG)
-            self._validate_chunks(files, _tiling(files, ref_first, ref_count, self.chunk_count, "chunks"))
-            self._validate_xattrs(len(heap))
-        else:
-            dirs = _rows_of_kind(kinds, _IS_DIR)
-            dirent_counts = _tiling(dirs, ref_first, ref_count, self.dirent_count, "dirents")
-            self._validate_tree(kinds, dirs, dirent_counts, heap)
-
-    def _validate_entries(self, kinds: bytes, ref_first: list[int], ref_count: list[int], heap: bytes) -> None:
-        """Symlink targets and special files' references, xattr ranges, parents."""
-        for i in _rows_of_kind(kinds, _IS_LINK_OR_SPECIAL):
-            first, count = ref_first[i], ref_count[i]
-            if kinds[i] == _LINK:
-                if not 0 < count <= MAX_SYMLINK or first + count > len(heap):
-                    raise BadIndex(f"entries[{i + 1}]", f"symlink target [{first}, +{count}] out of bounds")
-                if b"\0" in heap[first: first + count]:
-                    raise BadIndex(f"entries[{i + 1}]", "symlink target holds a NUL byte")
-            elif first or count:
-                raise BadIndex(f"entries[{i + 1}]", "a special file refers to data")
-        i = _first_outside(list(map(add, self._xattr_first, self._xattr_count)), 0, self.xattr_count)
-        if i is not None:
-            raise BadIndex(f"entries[{i + 1}]",
-                           f"xattrs [{self._xattr_first[i]}, +{self._xattr_count[i]}] out of bounds")
-        i = _first_outside(self._parent, 1, self.entries)
-        if i is not None:
-            raise BadIndex(f"entries[{i + 1}]", f"parent {self._parent[i]} out of bounds")
-
-    def _validate_chunks(self, files: list[int], counts: list[int]) -> None:
-        """Each file's chunks (consecutive, see `_tiling`) inside it and, in a file of several, each starting at or
-        after the end of the one before it."""
-        offsets, lengths = self._chunk_offset.tolist(), self._chunk_length.tolist()
-        c = _first_outside(lengths, 1, MAX_CHUNK_SIZE)
-        if c is not None:
-            raise BadIndex(f"chunks[{c}]", f"length {lengths[c]} out of bounds")
-        ends = list(map(add, offsets, lengths))
-        sizes = self._size.tolist()
-        owner_sizes = chain.from_iterable(map(repeat, map(sizes.__getitem__, files), counts))
-        c = _first_true(map(gt, ends, owner_sizes))
-        if c is None:  # most files are one chunk: the few of several are read chunk by chunk
-            for f in compress(count(), map(gt, counts, repeat(1))):
-                first = self._ref_first[files[f]]
-                end = first + counts[f]
-                starts_early = map(lt, offsets[first + 1: end], ends[first: end - 1])
-                c = next(compress(range(first + 1, end), starts_early), None)
-                if c is not None:
-                    break
-            else:
-                return
-        size = sizes[files[bisect_right(list(accumulate(counts)), c)]]
-        raise BadIndex(f"chunks[{c}]", f"[{offsets[c]}, +{lengths[c]}] overlaps or lies outside its file of "
-                                       f"{size} bytes")
-
-    def _validate_xattrs(self, heap_size: int) -> None:
-        for x in range(self.xattr_count):
-            for offset, length in ((self._xattr_name_off[x], self._xattr_name_len[x]),
-                                   (self._xattr_value_off[x], self._xattr_value_len[x])):
-                if offset + length > heap_size:
-                    raise BadIndex(f"xattrs[{x}]", "out of the heap")
-            if not 0 < self._xattr_name_len[x] <= MAX_NAME:
-                raise BadIndex(f"xattrs[{x}]", "name length out of bounds")
-
-    def _validate_tree(self, kinds: bytes, dirs: list[int], counts: list[int], heap: bytes) -> None:
-        """Dirent names safe and sorted within each directory, inodes in bounds, each directory below the root
-        named exactly once, by its parent (no cycles, no directory hardlinks)."""
-        lengths, inodes = self._dirent_name_len.tolist(), self._dirent_ino.tolist()
-        name_ends = list(map(add, self._dirent_name_off, lengths))
-        d = _first_outside(lengths, 1, MAX_NAME)
-        if d is None:
-            d = _first_outside(name_ends, 0, len(heap))
-        if d is not None:
-            raise BadIndex(f"dirents[{d}]", "name out of bounds")
-        names = list(map(heap.__getitem__, map(slice, self._dirent_name_off, name_ends)))
-        joined = b"".join(names)
-        if b"/" in joined or b"\0" in joined or b"." in names or b".." in names:
-            d = _first_true(b"/" in name or b"\0" in name or name in (b".", b"..") for name in names)
-            raise BadIndex(f"dirents[{d}]", f"name {names[d]!r} is not a file name")
-        out_of_order = [False, *map(ge, names[:-1], names[1:])]
-        for first in accumulate(counts[:-1], initial=0):
-            if first < len(out_of_order):
-                out_of_order[first] = False  # a directory's first name follows no other
-        d = _first_true(out_of_order)
-        if d is not None:
-            raise BadIndex(f"dirents[{d}]", f"name {names[d]!r} is out of order or repeated")
-        d = _first_outside(inodes, 1, self.entries)
-        if d is not None:
-            raise BadIndex(f"dirents[{d}]", f"inode {inodes[d]} out of bounds")
-        owners = list(chain.from_iterable(map(repeat, map(add, dirs, repeat(1)), counts)))
-        named = {1}
-        is_dir_by_ino = (b"\0" + kinds).translate(_IS_DIR)
-        for d in compress(range(len(inodes)), map(is_dir_by_ino.__getitem__, inodes)):
-            child = inodes[d]
-            if child in named or self._parent[child - 1] != owners[d]:
-                raise BadIndex(f"dirents[{d}]", f"directory {child} is linked twice or from the wrong parent")
-            named.add(child)
-
-
-def _first_true(flags: Iterable[object]) -> int | None:
-    """The position of the first true flag, or None."""
-    return next(compress(count(), flags), None)
-
-
-def _first_outside(column: Sequence[int], low: int, high: int) -> int | None:
-    """The position of the first value of `column` outside [low, high], or None."""
-    if not column or (min(column) >= low and max(column) <= high):
-        return None
-    return _first_true(map(or_, map(lt, column, repeat(low)), map(gt, column, repeat(high))))
-
-
-def _rows_of_kind(kinds: bytes, flags: bytes) -> list[int]:
-    """The rows whose kind `flags` (a `_kind_flags` table) marks."""
-    return list(compress(range(len(kinds)), kinds.translate(flags)))
-
-
-def _tiling(rows: list[int], ref_first: list[int], ref_count: list[int], total: int, table: str) -> list[int]:
-    """The rows' counts of `table`, checked to follow one another in row (inode) order and fill it, as
-    `IndexBuilder` lays them out: each row of the table belongs to exactly one entry."""
-    firsts = list(map(ref_first.__getitem__, rows))
-    counts = list(map(ref_count.__getitem__, rows))
-    starts = list(accumulate(counts, initial=0))
-    if firsts == starts[:-1] and starts[-1] == total:
-        return counts
-    for row, first, length, start in zip(rows, firsts, counts, starts):
-        if first + length > total:
-            raise BadIndex(f"entries[{row + 1}]", f"{table} [{first}, +{length}] out of bounds")
-        if first != start:
-            raise BadIndex(f"entries[{row + 1}]", f"{table} [{first}, +{length}] do not follow the previous entry's")
-    raise BadIndex(table, f"{total - starts[-1]} of them belong to no entry")
+    def column(self, name: str) -> memoryview:
+        """One of `COLUMNS`, cast in place to its typecode."""
+        return getattr(self, "_" + name)

@@ -163,6 +163,10 @@ def hostile(mutate) -> bytes:
     (lambda b, r, s, f: (b.set_children(r, [(b"..", s)]), b.set_children(s, [(b"f", f)])), "not a file name"),
     (lambda b, r, s, f: (b.set_children(r, [(b"a/b", s)]), b.set_children(s, [(b"f", f)])), "not a file name"),
     (lambda b, r, s, f: (b.set_children(r, [(b"s", s)]), b.set_children(s, [(b"loop", r)])), "linked twice"),
+    (lambda b, r, s, f: (b.set_children(r, [(b"x" * 256, s)]), b.set_children(s, [(b"f", f)])), "name out of bounds"),
+    (lambda b, r, s, f: (b.set_children(r, [(b"s", s), (b"l", b.add(mode=stat.S_IFLNK | 0o777, symlink=b"x" * 4096))
+                                            ]), b.set_children(s, [(b"f", f)])),
+     r"symlink target \[\d+, \+4096\] out of bounds"),
     (lambda b, r, s, f: (b.set_children(r, [(b"s", s), (b"t", s)])), "linked twice"),
     (lambda b, r, s, f: (b.set_children(r, [(b"s", s)]), b.set_children(s, [(b"f", f)]),
                          b.set_chunks(f, [Chunk(b"\1" * 32, 5, 10)])), "outside its file"),
@@ -277,23 +281,7 @@ def test_chunk_layouts_are_checked_as_each_file_reads_them(files):
         index.validate()
     else:
         with pytest.raises(BadIndex, match="overlaps or lies outside its file"):
-            index.validate_part(0)
-
-
-def test_validation_parts_share_the_checks():
-    """`validate` is its parts in order: each part refuses its own faults, the whole the first part's."""
-    both = hostile(lambda b, r, s, f: (b.set_children(r, [(b"..", s)]), b.set_children(s, [(b"f", f)]),
-                                       b.set_chunks(f, [Chunk(b"\1" * 32, 5, 10)])))
-    with pytest.raises(BadIndex, match="outside its file"):
-        Index(both).validate()
-    with pytest.raises(BadIndex, match="outside its file"):
-        Index(both).validate_part(0)
-    with pytest.raises(BadIndex, match="not a file name"):
-        Index(both).validate_part(1)
-    tree_only = hostile(lambda b, r, s, f: (b.set_children(r, [(b"a/b", s)]), b.set_children(s, [(b"f", f)])))
-    Index(tree_only).validate_part(0)
-    with pytest.raises(BadIndex, match="not a file name"):
-        Index(tree_only).validate_part(1)
+            index.validate()
 
 
 def linked_tree() -> tuple[Index, dict[str, int]]:
