@@ -722,6 +722,7 @@ class IndexValidation:
         self._cache.mark_index_validated(self._digest)
 
     def close(self) -> None:
+        """Wait for both threads (a caller that stops before `wait` must not leave them running)."""
         for thread in self._threads:
             thread.join()
 
