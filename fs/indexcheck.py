@@ -70,7 +70,7 @@ def _check_entries(index: Index, kinds: np.ndarray, ref_first: np.ndarray, ref_c
     if i is not None:
         raise BadIndex(f"entries[{i + 1}]", f"xattrs [{xattr_first[i]}, +{xattr_count[i]}] out of bounds")
     parent = np.frombuffer(index.column("parent"), np.uint32)
-    i = _first((parent < 1) | (parent > index.entries))
+    i = _first(_outside(parent, 1, index.entries))
     if i is not None:
         raise BadIndex(f"entries[{i + 1}]", f"parent {parent[i]} out of bounds")
 
@@ -80,7 +80,7 @@ def _check_chunks(index: Index, files: np.ndarray, counts: np.ndarray) -> None:
     before it in the file."""
     offsets = np.frombuffer(index.column("chunk_offset"), np.uint64)
     lengths = np.frombuffer(index.column("chunk_length"), np.uint32)
-    c = _first((lengths < 1) | (lengths > MAX_CHUNK_SIZE))
+    c = _first(_outside(lengths, 1, MAX_CHUNK_SIZE))
     if c is not None:
         raise BadIndex(f"chunks[{c}]", f"length {lengths[c]} out of bounds")
     owner_sizes = np.repeat(np.frombuffer(index.column("size"), np.uint64)[files], counts)
@@ -100,7 +100,7 @@ def _check_xattrs(index: Index, heap_size: int) -> None:
     outside = ~_fits(np.frombuffer(index.column("xattr_name_off"), np.uint64), name_lengths, heap_size)
     outside |= ~_fits(np.frombuffer(index.column("xattr_value_off"), np.uint64),
                       np.frombuffer(index.column("xattr_value_len"), np.uint32), heap_size)
-    bad_name = (name_lengths < 1) | (name_lengths > MAX_NAME)
+    bad_name = _outside(name_lengths, 1, MAX_NAME)
     x = _first(outside | bad_name)
     if x is not None:
         raise BadIndex(f"xattrs[{x}]", "out of the heap" if outside[x] else "name length out of bounds")
@@ -111,7 +111,7 @@ def _check_tree(index: Index, kinds: np.ndarray, dirs: np.ndarray, counts: np.nd
     named at most once, by its parent (no cycles, no directory hardlinks)."""
     offsets = np.frombuffer(index.column("dirent_name_off"), np.uint64)
     lengths = np.frombuffer(index.column("dirent_name_len"), np.uint32)
-    d = _first((lengths < 1) | (lengths > MAX_NAME) | ~_fits(offsets, lengths, heap.size))
+    d = _first(_outside(lengths, 1, MAX_NAME) | ~_fits(offsets, lengths, heap.size))
     if d is not None:
         raise BadIndex(f"dirents[{d}]", "name out of bounds")
     offsets, lengths = offsets.astype(np.int64), lengths.astype(np.int64)  # now known to be small
@@ -124,7 +124,7 @@ def _check_tree(index: Index, kinds: np.ndarray, dirs: np.ndarray, counts: np.nd
     if d is not None:
         raise BadIndex(f"dirents[{d}]", f"name {_name(heap, offsets, lengths, d)!r} is out of order or repeated")
     inodes = np.frombuffer(index.column("dirent_ino"), np.uint32)
-    d = _first((inodes < 1) | (inodes > index.entries))
+    d = _first(_outside(inodes, 1, index.entries))
     if d is not None:
         raise BadIndex(f"dirents[{d}]", f"inode {inodes[d]} out of bounds")
     subdirs = np.flatnonzero(kinds[inodes - 1] == _DIR)
@@ -140,6 +140,11 @@ def _check_tree(index: Index, kinds: np.ndarray, dirs: np.ndarray, counts: np.nd
 def _first(mask: np.ndarray) -> int | None:
     """The position of the first true value of `mask`, or None."""
     return int(mask.argmax()) if mask.any() else None
+
+
+def _outside(values: np.ndarray, low: int, high: int) -> np.ndarray:
+    """Whether each value lies outside [low, high]."""
+    return (values < low) | (values > high)
 
 
 def _fits(offsets: np.ndarray, lengths: np.ndarray, bound: np.ndarray | int) -> np.ndarray:
