@@ -118,6 +118,13 @@ class ChunkFetcher:
         assert flight.data is not None
         return flight.data
 
+    async def until_cached(self, digest: bytes, length: int) -> None:
+        """Wait until a chunk is in the cache (unless the cache is too full to keep it: callers check): for its
+        fetch in flight, else for a fetch of its own unless it is cached. Raises pyfuse3.FUSEError(EIO) as `chunk`
+        does."""
+        if digest in self._flights or not await self.is_cached(digest):
+            await self.chunk(digest, length)
+
     async def _fly(self, digest: bytes, length: int, flight: _Flight, background: bool) -> None:
         """Load the chunk of a flight, then end the flight (its waiters see the data or the error)."""
         try:

@@ -96,12 +96,11 @@ class HotLayer:
                 if path is None:
                     return  # no path reaches it: left to the lazy mount
                 destination = os.path.join(self.path, os.fsdecode(path.lstrip(b"/")))
-                if os.path.lexists(destination):
-                    return  # a daemon before this one wrote it
                 temporary = os.path.join(scratch, str(next(names)))
                 try:
-                    await _write_file(temporary, whole[ino], index.file_size(ino), fetcher, cache)
-                    await trio.to_thread.run_sync(_place, temporary, destination)
+                    if not await _write_file(temporary, destination, whole[ino], index.file_size(ino), fetcher,
+                                             cache):
+                        return  # a daemon before this one wrote it
                 except (pyfuse3.FUSEError, OSError) as error:  # a chunk not had is logged by the fetcher too
                     self.files_failed += 1
                     log.warning("hot layer %s: %s is left to the lazy mount: %r", self.name, os.fsdecode(path),
@@ -137,15 +136,20 @@ async def _each(items: Iterable[_Item], workers: int, work: Callable[[_Item], Aw
             nursery.start_soon(worker)
 
 
-async def _write_file(path: str, chunks: list[Chunk], size: int, fetcher: ChunkFetcher, cache: ChunkCache) -> None:
+async def _write_file(temporary: str, destination: str, chunks: list[Chunk], size: int, fetcher: ChunkFetcher,
+                      cache: ChunkCache) -> bool:
+    """Put the file at `destination`, written at `temporary` first; False when it is there already."""
     if len(chunks) == 1 and chunks[0].offset == 0 and chunks[0].length == size:
-        digest = chunks[0].digest
-        if await trio.to_thread.run_sync(cache.link, digest, path):
-            return
-        await fetcher.chunk(digest, size)
-        if await trio.to_thread.run_sync(cache.link, digest, path):
-            return  # else: a cache too full to keep it; written below
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+        # Most files: one worker-thread hop once the chunk is cached (a first start fills ~150 of them while the
+        # CPUs are busy with the start itself).
+        await fetcher.until_cached(chunks[0].digest, size)
+        placed = await trio.to_thread.run_sync(_link_into_place, cache, chunks[0].digest, temporary, destination)
+        if placed is not None:
+            return placed
+        # else: a cache too full to keep it; written below
+    elif await trio.to_thread.run_sync(os.path.lexists, destination):
+        return False
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
     try:
         for chunk in chunks:
             data = await fetcher.chunk(chunk.digest, chunk.length)
@@ -153,6 +157,19 @@ async def _write_file(path: str, chunks: list[Chunk], size: int, fetcher: ChunkF
         os.ftruncate(fd, size)  # holes stay holes
     finally:
         os.close(fd)
+    await trio.to_thread.run_sync(_place, temporary, destination)
+    return True
+
+
+def _link_into_place(cache: ChunkCache, digest: bytes, temporary: str, destination: str) -> bool | None:
+    """Put a one-chunk file at `destination` as a hard link to the cache's file of its chunk: True when placed,
+    False when it is there already, None when the cache lacks the chunk."""
+    if os.path.lexists(destination):
+        return False
+    if not cache.link(digest, temporary):
+        return None
+    _place(temporary, destination)
+    return True
 
 
 def _write_at(fd: int, data: bytes, offset: int) -> None:

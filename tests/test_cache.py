@@ -75,6 +75,7 @@ def check_consistent(directory: Path, limit: int) -> int:
     """Open the cache (recovering what a killed process left) and check every file is served, verified, counted."""
     with ChunkCache(str(directory), limit) as cache:
         files = [path for path in (directory / "chunks").rglob("*") if path.is_file()]
+        assert not [path for path in files if path.name.startswith(".partial-")], "a dead owner's partial file"
         for path in files:
             digest = bytes.fromhex(path.name)
             data = cache.get(digest)
@@ -279,19 +280,30 @@ def test_recovery_after_a_killed_owner(directory: Path) -> None:
     chunk_file(directory, orphan).write_bytes(orphan_data)
     chunk_file(directory, gone).unlink()
     os.truncate(chunk_file(directory, torn), 5000)
+    live = worker(directory, 1 << 20, 0, 0)
+    assert live.stdout.readline() == "ready\n"
     child = worker(directory, 1 << 20, 0, 0)
     assert child.stdout.readline() == "ready\n"
     child.kill()
     child.communicate()
-    assert len(os.listdir(directory / "owners")) == 1
+    owners = os.listdir(directory / "owners")
+    assert len(owners) == 2
+    (live_owner,) = [name for name in owners if name.startswith(f"{live.pid}-")]
+    # A kill between a put's write and its rename leaves a partial file, named for its writer.
+    partials = {owner: chunk_file(directory, kept).parent / f".partial-{owner}-7" for owner in owners}
+    for path in partials.values():
+        path.write_bytes(b"half a chunk")
     with ChunkCache(str(directory), 1 << 20) as cache:
         assert not chunk_file(directory, orphan).exists()
         assert not chunk_file(directory, torn).exists()
+        assert [owner for owner, path in partials.items() if path.exists()] == [live_owner]
         assert cache.stats()["entries"] == 1 and cache.stats()["bytes"] == charge(10_000)
         assert cache.get(kept) == kept_data
         assert cache.get(gone) is None and cache.get(torn) is None and cache.get(orphan) is None
-        assert os.listdir(directory / "owners") != []
-    assert os.listdir(directory / "owners") == []
+        assert len(os.listdir(directory / "owners")) == 2
+    assert os.listdir(directory / "owners") == [live_owner]
+    live.kill()
+    live.communicate()
 
 
 def test_owner_from_an_earlier_boot_empties_the_cache(directory: Path) -> None:
