@@ -2,22 +2,22 @@
 
 Layout of a cache directory (shared by every mount on the host, each in its own process):
 
-    chunks/ab/<hex>   raw (uncompressed, verified) chunk data, so a warm read is one pread
+    data/<hex>        raw (uncompressed, verified) chunk data, so a warm read is one pread; one flat directory
+                      (ext4, xfs and btrfs index large ones), because making fan-out subdirectories cost a first
+                      start on a new cache 20 ms of CPU for 187 chunks, ten times the files' own creation
     indexes/<hex>     image index files, uncompressed so a mount can mmap them (not LRU-evicted)
     index/            lmdb: chunk -> (size, last use), an LRU order, totals, validated-index markers
     owners/           one flock-held file per open cache; a file whose lock is free belonged to a killed process
     open.lock         serialises opening (crash recovery) across processes
 
-Crash safety (kill -9 at any moment): chunk data is written into a partial file beside its final name
-(`.partial-OWNER-N`, which no reader looks for) and renamed to that name once complete, so a torn file never has a
-chunk's name. (An unnamed O_TMPFILE inode would leave nothing behind, but linking one costs ext4 more than the rest
-of a put: 53-127 ms against 32-50 ms for the 187 chunks of `import numpy`.) Every rename and unlink of a chunk's
-name happens inside an lmdb write transaction (lmdb serialises writers across processes), so a record and its file
-agree except after a kill between the rename and the commit (a file without a record) or between an eviction's
-unlink and its commit (a record without a file). The next opener sees the dead owner's free lock, reconciles
-records with files and removes the partial files of owners that are gone; a record whose file is missing or of the
-wrong size is also dropped when a reader meets it. An owner left by a previous boot (a host crash: lmdb runs
-without fsync, file data may be unwritten) makes the next opener start from an empty cache.
+Crash safety (kill -9 at any moment): chunk data is written into an unnamed O_TMPFILE inode and only linked under
+its name once complete, so a torn file never has a name and no temporary files can be left behind. Every link and
+unlink in `data/` happens inside an lmdb write transaction (lmdb serialises writers across processes), so a
+record and its file agree except after a kill between the link and the commit (a file without a record) or between
+an eviction's unlink and its commit (a record without a file). The next opener sees the dead owner's free lock and
+reconciles records with files; a record whose file is missing or of the wrong size is also dropped when a reader
+meets it. An owner left by a previous boot (a host crash: lmdb runs without fsync, file data may be unwritten)
+makes the next opener start from an empty cache.
 
 get()/read() do not re-hash: names are only given to complete files, the size is checked against the record on
 every read, and hashing would more than double the cost of a warm 1 MiB read (measured: pread 78 us, blake3
@@ -27,7 +27,6 @@ every read, and hashing would more than double the cost of a warm 1 MiB read (me
 from __future__ import annotations
 
 import fcntl
-import itertools
 import mmap
 import os
 import shutil
@@ -66,7 +65,8 @@ _STAMP = struct.Struct(">Q")  # big-endian, so the LRU table sorts oldest first
 _BYTES = b"bytes"
 _EVICTIONS = b"evictions"
 _BOOT_ID = "/proc/sys/kernel/random/boot_id"
-_PARTIAL = ".partial-"
+_DATA = "data"
+_OLD_DATA = "chunks"  # chunks/ab/<hex>: the layout before data/
 
 # lmdb must not open one environment twice in a process (its locks are per process): instances share one.
 _envs: dict[str, _Env] = {}
@@ -78,8 +78,7 @@ def _charge(size: int) -> int:
 
 
 def _chunk_name(digest: bytes) -> str:
-    name = digest.hex()
-    return f"{name[:2]}/{name}"
+    return digest.hex()
 
 
 def _lru_key(stamp: int, digest: bytes) -> bytes:
@@ -181,8 +180,7 @@ class ChunkCache:
         self._hits = 0
         self._misses = 0
         self._closed = False
-        self._partials = itertools.count()
-        self._chunks_fd: int | None = None
+        self._data_fd: int | None = None
         self._owners_fd: int | None = None
         self._owner_fd: int | None = None
         self._shared: _Env | None = None
@@ -192,7 +190,7 @@ class ChunkCache:
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             live, dead, previous_boot = self._claim_dead_owners()
-            if previous_boot and not live:
+            if not live and (previous_boot or os.path.isdir(os.path.join(self.directory, _OLD_DATA))):
                 self._wipe()
             try:
                 self._shared = _acquire_env(self._env_path)
@@ -203,10 +201,9 @@ class ChunkCache:
                 self._wipe()
                 self._shared = _acquire_env(self._env_path)
             self._env = self._shared.env
-            for sub in ("chunks", "indexes"):
+            for sub in (_DATA, "indexes"):
                 os.makedirs(os.path.join(self.directory, sub), mode=0o700, exist_ok=True)
-            self._chunks_fd = os.open(os.path.join(self.directory, "chunks"),
-                                      os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._data_fd = os.open(os.path.join(self.directory, _DATA), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             self._register_owner()
             if dead:
                 self._recover()
@@ -226,7 +223,7 @@ class ChunkCache:
             return self._miss(digest, value)
         size = record[0]
         try:
-            fd = os.open(_chunk_name(digest), os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._chunks_fd)
+            fd = os.open(_chunk_name(digest), os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._data_fd)
         except FileNotFoundError:
             return self._miss(digest, value)
         try:
@@ -247,7 +244,7 @@ class ChunkCache:
         if record is None:
             return self._miss(digest, value)
         try:
-            fd = os.open(_chunk_name(digest), os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._chunks_fd)
+            fd = os.open(_chunk_name(digest), os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._data_fd)
         except FileNotFoundError:
             return self._miss(digest, value)
         try:
@@ -265,7 +262,7 @@ class ChunkCache:
         value, record = self._lookup(digest)
         if record is not None:
             try:
-                os.link(_chunk_name(digest), path, src_dir_fd=self._chunks_fd)
+                os.link(_chunk_name(digest), path, src_dir_fd=self._data_fd)
             except FileNotFoundError:
                 pass
             else:
@@ -307,7 +304,7 @@ class ChunkCache:
             txn.delete(_lru_key(record[1], digest), db=shared.lru)
             _add_counter(txn, shared.meta, _BYTES, -_charge(record[0]))
         try:
-            os.unlink(_chunk_name(digest), dir_fd=self._chunks_fd)
+            os.unlink(_chunk_name(digest), dir_fd=self._data_fd)
         except FileNotFoundError:
             pass
 
@@ -363,47 +360,41 @@ class ChunkCache:
             return
         shared = self._shared
         name = _chunk_name(digest)
-        partial, fd = self._create_partial(name)
-        renamed = False
+        fd = _open_tmpfile(self._data_fd)
+        linked = False
         try:
-            try:
-                _write_all(fd, data)
-            finally:
-                os.close(fd)
+            _write_all(fd, data)
             uses = self._take_pending()
             with self._lock:
                 self._stamp = max(time.time_ns(), self._stamp + 1)
                 stamp = self._stamp
-            with self._env.begin(write=True) as txn:
-                self._apply_uses(txn, uses)
-                if _parse(txn.get(digest, db=shared.records)) is not None:
-                    return  # another thread or process put it first
-                self._make_room(txn, charged)
-                # Replaces a file without a record (left by a killed process): nobody serves it, and this
-                # transaction keeps everybody else from linking or unlinking it meanwhile.
-                os.rename(partial, name, src_dir_fd=self._chunks_fd, dst_dir_fd=self._chunks_fd)
-                renamed = True
-                txn.put(digest, _RECORD.pack(size, stamp), db=shared.records)
-                txn.put(_lru_key(stamp, digest), b"", db=shared.lru)
-                _add_counter(txn, shared.meta, _BYTES, charged)
-        except BaseException:
-            # Not committed: a name without a record would only waste space until the next recovery.
-            if renamed:
-                os.unlink(name, dir_fd=self._chunks_fd)
-            raise
+            try:
+                with self._env.begin(write=True) as txn:
+                    self._apply_uses(txn, uses)
+                    if _parse(txn.get(digest, db=shared.records)) is not None:
+                        return  # another thread or process put it first
+                    self._make_room(txn, charged)
+                    self._link_chunk(fd, name)
+                    linked = True
+                    txn.put(digest, _RECORD.pack(size, stamp), db=shared.records)
+                    txn.put(_lru_key(stamp, digest), b"", db=shared.lru)
+                    _add_counter(txn, shared.meta, _BYTES, charged)
+            except BaseException:
+                # Not committed: a name without a record would only waste space until the next recovery.
+                if linked:
+                    os.unlink(name, dir_fd=self._data_fd)
+                raise
         finally:
-            if not renamed:
-                os.unlink(partial, dir_fd=self._chunks_fd)
+            os.close(fd)
 
-    def _create_partial(self, name: str) -> tuple[str, int]:
-        """A new file, named as this owner's partial file beside `name`, open for writing."""
-        partial = f"{name[:2]}/{_PARTIAL}{self._owner_name}-{next(self._partials)}"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    def _link_chunk(self, fd: int, name: str) -> None:
         try:
-            return partial, os.open(partial, flags, 0o600, dir_fd=self._chunks_fd)
-        except FileNotFoundError:
-            os.makedirs(os.path.join(self.directory, "chunks", name[:2]), mode=0o700, exist_ok=True)
-            return partial, os.open(partial, flags, 0o600, dir_fd=self._chunks_fd)
+            _link_tmpfile(fd, self._data_fd, name)
+        except FileExistsError:
+            # A file without a record (left by a killed process): nobody serves it, and the caller holds the
+            # write transaction, so nobody links or unlinks it meanwhile.
+            os.unlink(name, dir_fd=self._data_fd)
+            _link_tmpfile(fd, self._data_fd, name)
 
     def _make_room(self, txn: lmdb.Transaction, charged: int) -> None:
         """Evict least recently used chunks until `charged` more bytes (and one more entry) fit."""
@@ -426,7 +417,7 @@ class ChunkCache:
                 continue  # a stale LRU entry of a dropped record
             txn.delete(digest, db=shared.records)
             try:
-                os.unlink(_chunk_name(digest), dir_fd=self._chunks_fd)
+                os.unlink(_chunk_name(digest), dir_fd=self._data_fd)
             except FileNotFoundError:
                 pass
             total -= _charge(record[0])
@@ -534,12 +525,12 @@ class ChunkCache:
                 pass
             os.ftruncate(self._owner_fd, 0)
             os.close(self._owner_fd)
-        for fd in (self._owners_fd, self._chunks_fd):
+        for fd in (self._owners_fd, self._data_fd):
             if fd is not None:
                 os.close(fd)
         if self._shared is not None:
             _release_env(self._env_path, self._shared)
-        self._owner_fd = self._owners_fd = self._chunks_fd = self._shared = None
+        self._owner_fd = self._owners_fd = self._data_fd = self._shared = None
 
     # ---- opening: owners, recovery --------------------------------------------------------------------------
 
@@ -589,12 +580,11 @@ class ChunkCache:
 
     def _wipe(self) -> None:
         """Start from an empty cache. Only with no live owner: nobody else uses these files through the index."""
-        for sub in ("index", "chunks", "indexes"):
+        for sub in ("index", _DATA, _OLD_DATA, "indexes"):
             shutil.rmtree(os.path.join(self.directory, sub), ignore_errors=True)
 
     def _recover(self) -> None:
-        """After a killed owner: drop records whose file is missing or of another size, files without a record, and
-        the partial files of owners that are gone.
+        """After a killed owner: drop records whose file is missing or of another size, and files without a record.
 
         Runs in a write transaction, so no other process is between a link and its commit meanwhile.
         """
@@ -612,7 +602,7 @@ class ChunkCache:
                 txn.delete(digest, db=shared.records)
                 if len(digest) == DIGEST_SIZE:
                     try:
-                        os.unlink(_chunk_name(digest), dir_fd=self._chunks_fd)
+                        os.unlink(_chunk_name(digest), dir_fd=self._data_fd)
                     except FileNotFoundError:
                         pass
             stale = []
@@ -622,29 +612,19 @@ class ChunkCache:
                     stale.append(key)
             for key in stale:
                 txn.delete(key, db=shared.lru)
-            live = set(os.listdir(os.path.join(self.directory, "owners")))
-            for entry in os.scandir(os.path.join(self.directory, "chunks")):
-                names = os.listdir(entry.path) if entry.is_dir(follow_symlinks=False) else None
-                for name in names or ():
-                    if name.startswith(_PARTIAL):
-                        if _partial_owner(name) not in live:
-                            os.unlink(os.path.join(entry.path, name))
-                    elif name[:2] != entry.name or not _is_recorded(txn, shared.records, name):
-                        os.unlink(os.path.join(entry.path, name))
-                if names is None:
-                    os.unlink(entry.path)
+            for entry in os.scandir(os.path.join(self.directory, _DATA)):
+                if not _is_recorded(txn, shared.records, entry.name):
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path)
+                    else:
+                        os.unlink(entry.path)
             txn.put(_BYTES, _COUNTER.pack(total), db=shared.meta)
 
     def _file_size(self, digest: bytes) -> int | None:
         try:
-            return os.stat(_chunk_name(digest), dir_fd=self._chunks_fd).st_size
+            return os.stat(_chunk_name(digest), dir_fd=self._data_fd).st_size
         except FileNotFoundError:
             return None
-
-
-def _partial_owner(name: str) -> str:
-    """The owner that wrote a partial file (`_create_partial`)."""
-    return name[len(_PARTIAL):].rpartition("-")[0]
 
 
 def _is_recorded(txn: lmdb.Transaction, records: object, name: str) -> bool:

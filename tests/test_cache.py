@@ -63,7 +63,7 @@ def chunk(size: int, seed: int) -> tuple[bytes, bytes]:
 
 
 def chunk_file(directory: Path, digest: bytes) -> Path:
-    return directory / "chunks" / digest.hex()[:2] / digest.hex()
+    return directory / "data" / digest.hex()
 
 
 def worker(directory: Path, limit: int, seed: int, count: int) -> subprocess.Popen:
@@ -74,8 +74,7 @@ def worker(directory: Path, limit: int, seed: int, count: int) -> subprocess.Pop
 def check_consistent(directory: Path, limit: int) -> int:
     """Open the cache (recovering what a killed process left) and check every file is served, verified, counted."""
     with ChunkCache(str(directory), limit) as cache:
-        files = [path for path in (directory / "chunks").rglob("*") if path.is_file()]
-        assert not [path for path in files if path.name.startswith(".partial-")], "a dead owner's partial file"
+        files = list((directory / "data").iterdir())
         for path in files:
             digest = bytes.fromhex(path.name)
             data = cache.get(digest)
@@ -164,7 +163,7 @@ def test_smaller_limit_on_open_evicts(directory: Path) -> None:
     with ChunkCache(str(directory), 3 * BLOCK) as cache:
         assert [digest in cache for digest, _ in pieces] == [False] * 5 + [True] * 3
         assert cache.stats()["bytes"] == 3 * BLOCK
-    assert len(list((directory / "chunks").rglob("*/*"))) == 3
+    assert len(os.listdir(directory / "data")) == 3
 
 
 class CacheModel(RuleBasedStateMachine):
@@ -276,34 +275,38 @@ def test_recovery_after_a_killed_owner(directory: Path) -> None:
             cache.put(digest, data)
     # What a kill leaves: a file linked but never recorded, a record whose file was unlinked, and (not from a kill,
     # but handled the same) a file of the wrong size.
-    chunk_file(directory, orphan).parent.mkdir(exist_ok=True)
     chunk_file(directory, orphan).write_bytes(orphan_data)
     chunk_file(directory, gone).unlink()
     os.truncate(chunk_file(directory, torn), 5000)
-    live = worker(directory, 1 << 20, 0, 0)
-    assert live.stdout.readline() == "ready\n"
     child = worker(directory, 1 << 20, 0, 0)
     assert child.stdout.readline() == "ready\n"
     child.kill()
     child.communicate()
-    owners = os.listdir(directory / "owners")
-    assert len(owners) == 2
-    (live_owner,) = [name for name in owners if name.startswith(f"{live.pid}-")]
-    # A kill between a put's write and its rename leaves a partial file, named for its writer.
-    partials = {owner: chunk_file(directory, kept).parent / f".partial-{owner}-7" for owner in owners}
-    for path in partials.values():
-        path.write_bytes(b"half a chunk")
+    assert len(os.listdir(directory / "owners")) == 1
     with ChunkCache(str(directory), 1 << 20) as cache:
         assert not chunk_file(directory, orphan).exists()
         assert not chunk_file(directory, torn).exists()
-        assert [owner for owner, path in partials.items() if path.exists()] == [live_owner]
         assert cache.stats()["entries"] == 1 and cache.stats()["bytes"] == charge(10_000)
         assert cache.get(kept) == kept_data
         assert cache.get(gone) is None and cache.get(torn) is None and cache.get(orphan) is None
-        assert len(os.listdir(directory / "owners")) == 2
-    assert os.listdir(directory / "owners") == [live_owner]
-    live.kill()
-    live.communicate()
+        assert os.listdir(directory / "owners") != []
+    assert os.listdir(directory / "owners") == []
+
+
+def test_cache_of_the_layout_before_data_is_emptied(directory: Path) -> None:
+    """A cache kept its chunks in chunks/ab/<hex> before data/<hex>: its files are removed, not left forever."""
+    digest, data = chunk(10_000, 1)
+    with ChunkCache(str(directory), 1 << 20) as cache:
+        cache.put(digest, data)
+        cache.put_index(*chunk(100, 2))
+    old = directory / "chunks" / digest.hex()[:2] / digest.hex()
+    old.parent.mkdir(parents=True)
+    os.rename(chunk_file(directory, digest), old)
+    with ChunkCache(str(directory), 1 << 20) as cache:
+        assert not (directory / "chunks").exists() and os.listdir(directory / "indexes") == []
+        assert cache.stats()["entries"] == 0 and cache.get(digest) is None
+        cache.put(digest, data)
+        assert cache.get(digest) == data and os.listdir(directory / "data") == [digest.hex()]
 
 
 def test_owner_from_an_earlier_boot_empties_the_cache(directory: Path) -> None:

@@ -778,7 +778,7 @@ def test_hot_layer_serves_the_files_a_start_reads_whole(roots, tmp_path: Path) -
     # A file of one chunk is the cache's file of that chunk, linked; a larger one is written.
     module = os.stat(Path(hot) / "lib/module1.py")
     digest = objects.digest_of(whole["lib/module1.py"])
-    assert (module.st_ino, module.st_nlink) == (os.stat(cold / "chunks" / digest.hex()[:2] / digest.hex()).st_ino, 2)
+    assert (module.st_ino, module.st_nlink) == (os.stat(cold / "data" / digest.hex()).st_ino, 2)
     assert os.stat(Path(hot) / "lib/big-read-whole").st_nlink == 1
     # The daemon prefetches only what the hot layer does not hold: the chunks of library.so the start read.
     index = Index(objects.decode(bytes.fromhex(reference), (tmp_path / "store" / object_path(
