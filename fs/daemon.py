@@ -107,7 +107,8 @@ def mount(reference: str, mountpoint: str, *, store: str, cache_dir: str = DEFAU
     `keep_mounted`: the mount is the image layer of a shared stack (`coldbrew.fs.imagestack`, the mount point's
     parent directory), which the daemon takes down once no root has stacked on it for that many seconds.
     `metadata_image`: the daemon also saves the EROFS metadata image that the store keeps beside the index into the
-    cache (`coldbrew.fs.erofs.cached_image_path`) before it is ready, fetched while the index is validated.
+    cache (`coldbrew.fs.erofs.cached_image_path`) before it is ready, fetched while the index downloads when the
+    start-up profile names it, else while the index is validated.
     `hot_layer`: a root stacks the hot layer of the image's start-up profile over this mount. The daemon makes it
     (empty) before it is ready and fills it while the root runs (`coldbrew.fs.hotlayer`); prefetch leaves its
     files out. Returns the hot layer's directory, or None when the store has no profile for the image.
@@ -452,6 +453,7 @@ class _Server:
         self.fs: ImageFs | None = None
         self.mounted = False
         self.profile_data: bytes | None = None
+        self.profile_image: bytes | None = None  # the metadata image the profile names
         self.profile_fetched: trio.Event | None = None
         self.hot_layer: HotLayer | None = None
         self.prefetcher = None
@@ -544,21 +546,29 @@ class _Server:
     async def _mount(self, nursery: trio.Nursery) -> None:
         """Fetch and validate the index and mount it; with --hot-layer and --metadata-image, also bring the root's
         other layers here. A first start waits for the longest step, not their sum: the index has the link to
-        itself (everything waits for it); its validation starts as soon as it is here, and the profile's pack and
-        the metadata image are fetched while it runs."""
+        itself, shared only with the metadata image that the profile names; its validation starts as soon as it is
+        here, and the profile's pack is fetched while it runs."""
         import pyfuse3
         import trio
 
         from .cache import open_index
+        from .erofs import cached_image_path
         from .imagefs import ImageFs
 
         if self.args.hot_layer or not self.args.no_prefetch:
             self.profile_fetched = trio.Event()
             nursery.start_soon(self._fetch_profile)
+        index_opened, metadata_fetched = trio.Event(), trio.Event()
+        metadata_image = cached_image_path(self.cache.directory, self.reference)
+        if self.args.metadata_image and not os.path.exists(metadata_image):
+            nursery.start_soon(self._fetch_metadata_image, metadata_image, index_opened, metadata_fetched)
+        else:
+            metadata_fetched.set()
         self.index, self._mapped, validation = await trio.to_thread.run_sync(
             functools.partial(open_index, self.reference, self.store, self.cache, validate=True))
+        index_opened.set()
         try:
-            metadata_fetched = await self._bring_layers(nursery)
+            await self._bring_layers(nursery)
             if validation is not None:
                 await trio.to_thread.run_sync(validation.wait)
         finally:
@@ -578,20 +588,13 @@ class _Server:
         self.mounted = True
         self.mount_seconds = time.monotonic() - self.started
 
-    async def _bring_layers(self, nursery: trio.Nursery) -> trio.Event:
-        """Start what the root's other layers need once the index is here (the pack needs only the profile's head,
-        the metadata image the index's header); the event is set once the metadata image is in the cache."""
+    async def _bring_layers(self, nursery: trio.Nursery) -> None:
+        """Once the index is here: the hot layer (made empty) and the fetch of the profile's pack (it needs only the
+        profile's head)."""
         import trio
 
-        from .erofs import cached_image_path
         from .hotlayer import HotLayer
 
-        metadata_image = cached_image_path(self.cache.directory, self.reference)
-        metadata_fetched = trio.Event()
-        if self.args.metadata_image and not os.path.exists(metadata_image):
-            nursery.start_soon(self._fetch_metadata_image, metadata_image, metadata_fetched)
-        else:
-            metadata_fetched.set()
         if self.profile_fetched is not None:
             await self.profile_fetched.wait()
         if self.args.hot_layer and self.profile_data:
@@ -599,17 +602,29 @@ class _Server:
                                                            self.profile_data)
         if self.profile_data:
             nursery.start_soon(self._fetch_pack)
-        return metadata_fetched
 
-    async def _fetch_metadata_image(self, path: str, done: trio.Event) -> None:
-        """The stored metadata image into the cache, if it is good (else the root's maker writes one)."""
+    async def _fetch_metadata_image(self, path: str, index_opened: trio.Event, done: trio.Event) -> None:
+        """The stored metadata image into the cache, if it is good (else the root's maker writes one). The one that
+        the profile names is fetched while the index downloads, and kept if the index names it too."""
         import trio
 
-        from .erofs import fetch_image
+        from .erofs import fetch_image, save_image, stored_image
 
         try:
-            await trio.to_thread.run_sync(fetch_image, self.index, self.store, path)
-        except OSError as error:
+            image = None
+            if self.profile_fetched is not None:
+                await self.profile_fetched.wait()
+                if self.profile_image is not None:
+                    image = await trio.to_thread.run_sync(fetch_image, self.store, self.profile_image)
+            await index_opened.wait()
+            wanted = await trio.to_thread.run_sync(stored_image, self.index)
+            if wanted is None:
+                return
+            if wanted != self.profile_image:
+                image = await trio.to_thread.run_sync(fetch_image, self.store, wanted)
+            if image is not None:
+                await trio.to_thread.run_sync(save_image, image, path)
+        except (FsError, OSError) as error:
             log.warning("cannot save the metadata image of %s: %s", self.reference, error)
         finally:
             done.set()
@@ -617,10 +632,13 @@ class _Server:
     async def _fetch_profile(self) -> None:
         import trio
 
-        from .profile import fetch_head
+        from .profile import fetch_head, metadata_image
 
         try:
-            self.profile_data = await trio.to_thread.run_sync(fetch_head, self.store, self.reference)
+            head = await trio.to_thread.run_sync(fetch_head, self.store, self.reference)
+            if head is not None:
+                self.profile_image = metadata_image(head)  # which also checks the head
+            self.profile_data = head
         except (FsError, OSError) as error:  # a profile is an optimisation: the mount goes on without one
             log.warning("start-up profile of %s not used: %s", self.reference, error)
         finally:
@@ -762,10 +780,11 @@ class _Server:
         if self.recorder is None or not len(self.recorder) or self.index is None:
             return 0
         count = len(self.recorder)
+        from .erofs import stored_image
         from .profile import profile_name
 
         try:
-            data = self.recorder.serialize(self.index, self._stored_chunk)
+            data = self.recorder.serialize(self.index, self._stored_chunk, stored_image(self.index))
             self.store.put_named(profile_name(self.reference), data)
         except Exception as error:  # any store failure: reported, never fatal to the unmount
             log.error("cannot save the start-up profile of %s: %s", self.reference, error)

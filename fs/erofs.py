@@ -216,6 +216,7 @@ def write_image(index: Index, path: str, redirects: dict[int, bytes]) -> int:
 def save_image(image: bytes | bytearray, path: str) -> None:
     """Write an image file under its final name only once it is whole."""
     temporary = f"{path}.{os.getpid()}.tmp"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
         with open(temporary, "wb") as file:
             file.write(image)
@@ -232,26 +233,32 @@ def cached_image_path(cache_directory: str, reference: str) -> str:
     return os.path.join(cache_directory, CACHE_DIRECTORY, reference)
 
 
-def fetch_image(index: Index, store: ChunkStore, path: str) -> bool:
-    """Save the image that the index names (pushed beside it) at `path`; False if there is none to use (missing,
-    corrupt, or made of another tree). It reads the index's header alone, so it may run while the index is
-    validated: the image is checked against the digest the index names."""
+def stored_image(index: Index) -> bytes | None:
+    """The digest of the metadata image pushed beside the index; None when there is none, or it shows another tree.
+    It reads the index's header and hashes its body, so it may run while the index is validated."""
     from . import objects
-    from .index import MAX_INDEX_SIZE
 
     named = index.metadata.get(INDEX_METADATA_KEY)
     if not isinstance(named, dict) or named.get("tree") != index.body_digest().hex():
-        return False
-    name = str(named.get("image"))
+        return None
     try:
-        digest = objects.parse_reference(name)
-        image = objects.decode(digest, store.get(digest), MAX_INDEX_SIZE)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_image(image, path)
-    except FsError as error:  # the caller writes one instead
-        log.warning("the stored EROFS image %s is not used: %s", name, error)
-        return False
-    return True
+        return objects.parse_reference(str(named.get("image")))
+    except FsError as error:
+        log.warning("the index names no usable EROFS image: %s", error)
+        return None
+
+
+def fetch_image(store: ChunkStore, digest: bytes) -> bytes | None:
+    """The stored metadata image `digest`, verified against it; None when the store has none or a corrupt one (the
+    caller writes one instead)."""
+    from . import objects
+    from .index import MAX_INDEX_SIZE
+
+    try:
+        return objects.decode(digest, store.get(digest), MAX_INDEX_SIZE)
+    except FsError as error:
+        log.warning("the stored EROFS image %s is not used: %s", digest.hex(), error)
+        return None
 
 
 def image_bytes(index: Index, redirects: dict[int, bytes]) -> bytearray:

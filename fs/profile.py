@@ -5,14 +5,16 @@ A recording mount notes each (inode, chunk position) it serves. A later cold mou
 requests instead of one per chunk, prefetches what the run will read, and a container root turns the files the
 profile reads whole into a local hot layer (`coldbrew.fs.hotlayer`).
 
-A profile file is `PROFILE_MAGIC`, the length of its head (u32) and the head, one zstd frame: the number of pairs
-(u32), the (inode, position) pairs (u32 each), the number of packed chunks (u32) and the pack's table, a
-(32-byte digest, u32 length, u32 stored size, u8 flags) record per distinct chunk in first-access order, flag
-`HOT` on the chunks of files read whole. The pack follows: each chunk's stored bytes (one zstd frame, as in the
+A profile file is `PROFILE_MAGIC`, the length of its head (u32) and the head, one zstd frame: the digest of the
+image's stored EROFS metadata image (`coldbrew.fs.erofs`; zeros when it has none), so that a host fetches it while
+the index downloads, the number of pairs (u32), the (inode, position) pairs (u32 each), the number of packed chunks
+(u32) and the pack's table, a (32-byte digest, u32 length, u32 stored size, u8 flags) record per distinct chunk in
+first-access order, flag `HOT` on the chunks of files read whole. The pack follows: each chunk's stored bytes (one zstd frame, as in the
 store), back to back in table order. A host reads the head alone first (one small range), then the pack in ranges.
 
 A profile is a mutable file, not content-addressed: it only decides what is fetched early and how. Every packed
-chunk is verified against its digest before use, and what a hot layer holds comes from the index.
+chunk is verified against its digest before use, what a hot layer holds comes from the index, and a metadata image
+is used only if the index names the same.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from .errors import FsError
 from .index import MAX_CHUNK_SIZE, Chunk, Index
 from .store import ChunkStore, read_up_to
 
-PROFILE_MAGIC = b"CBPROF\x00\x03"
+PROFILE_MAGIC = b"CBPROF\x00\x04"
 # What a head may decompress to when no index bounds it (pairs and table of over a million chunks).
 MAX_PROFILE_SIZE = 1 << 26
 # The first read of a profile file, made while the index downloads: small, since what it reads past the head is
@@ -40,6 +42,7 @@ MAX_STORED_SIZE = MAX_CHUNK_SIZE + (MAX_CHUNK_SIZE >> 7) + (1 << 16)
 _COUNT = struct.Struct("<I")
 _TABLE_ENTRY = struct.Struct(f"<{objects.DIGEST_SIZE}sIIB")
 _PREFIX = len(PROFILE_MAGIC) + _COUNT.size
+_NO_IMAGE = bytes(objects.DIGEST_SIZE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +77,10 @@ class ProfileRecorder:
     def __len__(self) -> int:
         return len(self._order) // 2
 
-    def serialize(self, index: Index, stored_chunk: Callable[[Chunk], bytes | None]) -> bytes:
-        """The profile file; `stored_chunk` gives a chunk's stored bytes, or None to leave it out of the pack."""
+    def serialize(self, index: Index, stored_chunk: Callable[[Chunk], bytes | None],
+                  metadata_image: bytes | None = None) -> bytes:
+        """The profile file; `stored_chunk` gives a chunk's stored bytes, or None to leave it out of the pack;
+        `metadata_image`: the digest of the image's stored metadata image."""
         profile = _resolve(self._order, index)
         whole = files_read_whole(profile, index)
         hot: dict[bytes, bool] = {}
@@ -90,8 +95,8 @@ class ProfileRecorder:
             if stored is not None:
                 table.append(_TABLE_ENTRY.pack(chunk.digest, chunk.length, len(stored), HOT if hot[chunk.digest] else 0))
                 pack.append(stored)
-        head = objects.compress(b"".join([_COUNT.pack(len(self)), self._order.tobytes(), _COUNT.pack(len(table)),
-                                          *table]))
+        head = objects.compress(b"".join([metadata_image or _NO_IMAGE, _COUNT.pack(len(self)), self._order.tobytes(),
+                                          _COUNT.pack(len(table)), *table]))
         return b"".join([PROFILE_MAGIC, _COUNT.pack(len(head)), head, *pack])
 
 
@@ -113,7 +118,7 @@ def fetch_head(store: ChunkStore, reference: str) -> bytes | None:
 def parse_profile(head: bytes, index: Index) -> list[tuple[int, Chunk]]:
     """(inode, chunk) pairs of a saved profile, in order; entries that do not fit this image are dropped."""
     # Each chunk reference of the image at most once in the pairs, and each chunk at most once in the table.
-    pairs, _ = _sections(head, 2 * _COUNT.size + (8 + _TABLE_ENTRY.size) * index.chunk_count)
+    _, pairs, _ = _sections(head, objects.DIGEST_SIZE + 2 * _COUNT.size + (8 + _TABLE_ENTRY.size) * index.chunk_count)
     order = array("I")
     order.frombytes(pairs)
     return _resolve(order, index)
@@ -122,7 +127,7 @@ def parse_profile(head: bytes, index: Index) -> list[tuple[int, Chunk]]:
 def packed_chunks(head: bytes) -> list[PackedChunk]:
     """The chunks of the profile's pack, in order. A record no chunk can have (a length or size out of bounds) is
     left out, so a bad profile cannot make a fetch decompress more than a chunk."""
-    _, table = _sections(head, MAX_PROFILE_SIZE)
+    _, _, table = _sections(head, MAX_PROFILE_SIZE)
     chunks = []
     offset = _head_end(head)
     for digest, length, stored, flags in _TABLE_ENTRY.iter_unpack(table):
@@ -130,6 +135,13 @@ def packed_chunks(head: bytes) -> list[PackedChunk]:
             chunks.append(PackedChunk(digest, length, offset, stored, bool(flags & HOT)))
         offset += stored
     return chunks
+
+
+def metadata_image(head: bytes) -> bytes | None:
+    """The digest of the metadata image that the profile names, or None; the index must name the same (raises
+    FsError)."""
+    digest, _, _ = _sections(head, MAX_PROFILE_SIZE)
+    return None if digest == _NO_IMAGE else digest
 
 
 def files_read_whole(profile: list[tuple[int, Chunk]], index: Index) -> dict[int, list[Chunk]]:
@@ -161,20 +173,21 @@ def _head_end(data: bytes) -> int:
     return _PREFIX + length
 
 
-def _sections(data: bytes, limit: int) -> tuple[bytes, bytes]:
-    """(the pairs, the pack's table) of a profile (its head, or the whole file), each cut to whole records;
-    raises FsError."""
+def _sections(data: bytes, limit: int) -> tuple[bytes, bytes, bytes]:
+    """(the metadata image's digest, the pairs, the pack's table) of a profile (its head, or the whole file), each cut
+    to whole records; raises FsError."""
     try:
         raw = objects.decompress(data[_PREFIX: _head_end(data)], limit)
     except ValueError as error:
         raise FsError(f"start-up profile: {error}") from None
-    if len(raw) < _COUNT.size:
+    pairs_start = objects.DIGEST_SIZE + _COUNT.size
+    if len(raw) < pairs_start:
         raise FsError("start-up profile: truncated")
-    end = _COUNT.size + 8 * _COUNT.unpack_from(raw)[0]
+    end = pairs_start + 8 * _COUNT.unpack_from(raw, objects.DIGEST_SIZE)[0]
     if end + _COUNT.size > len(raw):
         raise FsError("start-up profile: holds fewer pairs than it says")
     table = raw[end + _COUNT.size:]
-    return raw[_COUNT.size: end], table[: len(table) - len(table) % _TABLE_ENTRY.size]
+    return raw[:objects.DIGEST_SIZE], raw[pairs_start: end], table[: len(table) - len(table) % _TABLE_ENTRY.size]
 
 
 def _resolve(order: array, index: Index) -> list[tuple[int, Chunk]]:

@@ -162,7 +162,6 @@ def _write_metadata_image(reference: str, store: str, cache_dir: str, cache_size
             index, mapped = load_index(reference, chunk_store, cache)  # validated by the daemon: from the cache
             try:
                 path = erofs.cached_image_path(cache.directory, reference)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
                 erofs.write_image(index, path, erofs.redirect_paths(index))
                 return path
             except erofs.UnsupportedTree as error:

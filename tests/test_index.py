@@ -16,7 +16,7 @@ from coldbrew.fs.erofs import redirect_paths
 from coldbrew.fs.errors import BadIndex, BadReference, ChunkMissing, CorruptChunk, FsError
 from coldbrew.fs.index import MAX_CHUNK_SIZE, Chunk, Index, IndexBuilder
 from coldbrew.fs.profile import (MAX_STORED_SIZE, PROFILE_MAGIC, PackedChunk, ProfileRecorder, fetch_head,
-                                 files_read_whole, packed_chunks, parse_profile, profile_name)
+                                 files_read_whole, metadata_image, packed_chunks, parse_profile, profile_name)
 from coldbrew.fs.pushing import push
 from coldbrew.fs.store import LocalStore
 
@@ -345,7 +345,9 @@ def test_profile_round_trip_packs_its_chunks_in_first_access_order():
     recorder = ProfileRecorder()
     for ino, position in [(2, 1), (3, 2), (2, 0), (2, 1), (99, 0), (3, 7), (3, 0)]:
         recorder.note(ino, position)
-    data = recorder.serialize(index, stored_chunks([whole[1], part[2], whole[0]]))  # part[0] is not had
+    image = objects.digest_of(b"a metadata image")
+    data = recorder.serialize(index, stored_chunks([whole[1], part[2], whole[0]]), image)  # part[0] is not had
+    assert metadata_image(data) == image
     # What does not fit the image (inode 99, chunk 7 of a 3-chunk file) is dropped when read.
     assert parse_profile(data, index) == [(2, whole[1]), (3, part[2]), (2, whole[0]), (3, part[0])]
     assert files_read_whole(parse_profile(data, index), index) == {2: whole}
@@ -364,9 +366,10 @@ def test_a_packed_chunk_out_of_bounds_is_left_out_and_the_rest_keep_their_place(
     index, whole, _ = profiled_index()
     table = b"".join(struct.pack("<32sIIB", digest, length, stored, 1) for digest, length, stored in [
         (whole[0].digest, MAX_CHUNK_SIZE + 1, 7), (whole[1].digest, 10, 5)])
-    frame = objects.compress((0).to_bytes(4, "little") + (2).to_bytes(4, "little") + table)
+    frame = objects.compress(bytes(32) + (0).to_bytes(4, "little") + (2).to_bytes(4, "little") + table)
     head = PROFILE_MAGIC + len(frame).to_bytes(4, "little") + frame
     assert packed_chunks(head) == [PackedChunk(whole[1].digest, 10, len(head) + 7, 5, True)]
+    assert metadata_image(head) is None
 
 
 def test_the_head_is_read_in_ranges_from_a_store(tmp_path, monkeypatch):
@@ -393,10 +396,10 @@ def frame(payload):
 
 @pytest.mark.parametrize("data, message", [
     (b"not a profile", "not a coldbrew profile"),
-    (b"CBPROF\x00\x02" + frame(objects.compress(b"")), "not a coldbrew profile of this version"),
+    (b"CBPROF\x00\x03" + frame(objects.compress(b"")), "not a coldbrew profile of this version"),
     (PROFILE_MAGIC + frame(b"garbage"), "not a zstd frame"),
-    (PROFILE_MAGIC + frame(objects.compress(b"\1\0")), "truncated"),
-    (PROFILE_MAGIC + frame(objects.compress((5).to_bytes(4, "little") + b"\0" * 8)), "fewer pairs"),
+    (PROFILE_MAGIC + frame(objects.compress(bytes(32) + b"\1\0")), "truncated"),
+    (PROFILE_MAGIC + frame(objects.compress(bytes(32) + (5).to_bytes(4, "little") + b"\0" * 8)), "fewer pairs"),
     (PROFILE_MAGIC + (1 << 30).to_bytes(4, "little"), "too large"),
 ])
 def test_bad_profiles_are_refused(data, message):
@@ -405,12 +408,14 @@ def test_bad_profiles_are_refused(data, message):
         parse_profile(data, index)
     with pytest.raises(FsError, match=message):
         packed_chunks(data)
+    with pytest.raises(FsError, match=message):
+        metadata_image(data)
 
 
 def test_a_profile_larger_than_its_image_allows_is_refused_before_it_is_decompressed():
-    index, _, _ = profiled_index()  # 5 chunks: pairs and table of at most 253 bytes
+    index, _, _ = profiled_index()  # 5 chunks: image, pairs and table of at most 285 bytes
     claims = PROFILE_MAGIC + frame(zstandard.ZstdCompressor(write_content_size=True).compress(b"\0" * 5000))
-    with pytest.raises(FsError, match="claims 5000 bytes, at most 253"):
+    with pytest.raises(FsError, match="claims 5000 bytes, at most 285"):
         parse_profile(claims, index)
 
 
@@ -427,8 +432,10 @@ def test_corrupted_profiles_never_crash_the_reader(data):
     try:
         pairs = parse_profile(bytes(damaged), index)
         packed = packed_chunks(bytes(damaged))
+        image = metadata_image(bytes(damaged))
     except FsError:
         return
+    assert image is None or len(image) == objects.DIGEST_SIZE
     assert all(1 <= ino <= index.entries for ino, _ in pairs)
     assert all(len(chunk.digest) == objects.DIGEST_SIZE and 0 < chunk.length <= MAX_CHUNK_SIZE
                and 0 < chunk.stored <= MAX_STORED_SIZE for chunk in packed)

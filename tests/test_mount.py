@@ -26,7 +26,8 @@ from coldbrew.fs.erofs import INDEX_METADATA_KEY, UnsupportedTree, image_bytes, 
 from coldbrew.fs.mounts import mount_entry, mount_table, mounts_below
 from coldbrew.fs.errors import BadReference, FsError
 from coldbrew.fs.index import Chunk, Index, IndexBuilder
-from coldbrew.fs.profile import fetch_head, files_read_whole, packed_chunks, parse_profile
+from coldbrew.fs.profile import (PROFILE_MAGIC, fetch_head, files_read_whole, metadata_image, packed_chunks,
+                                 parse_profile, profile_name)
 from coldbrew.fs.pushing import push
 from coldbrew.fs.rootfs import create_root, remove_root
 from coldbrew.fs.store import LocalStore, object_path
@@ -960,4 +961,35 @@ def test_erofs_image_is_pushed_beside_the_index(roots, tmp_path: Path) -> None:
     (tmp_path / "store" / object_path(stored)).write_bytes(b"damaged")
     rootfs = roots(reference, "written", cache=tmp_path / "other-cache")
     assert (tmp_path / "other-cache" / "erofs" / reference).read_bytes() == expected
+    assert _without_root(describe(rootfs)) == _without_root(describe(tree))
+
+
+def _naming_image(profile: bytes, digest: bytes) -> bytes:
+    """The profile file with its head naming another metadata image (the pack's offsets follow the head)."""
+    start = len(PROFILE_MAGIC) + 4
+    end = start + int.from_bytes(profile[len(PROFILE_MAGIC):start], "little")
+    head = objects.compress(digest + objects.decompress(profile[start:end], 1 << 20)[objects.DIGEST_SIZE:])
+    return PROFILE_MAGIC + len(head).to_bytes(4, "little") + head + profile[end:]
+
+
+def test_erofs_image_the_profile_names_is_kept_only_if_the_index_names_it(roots, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    make_rich_tree(tree)
+    store = LocalStore(str(tmp_path / "store"))
+    reference = push(str(tree), store, chunk_size=SMALL_CHUNK).reference
+    index = Index(objects.decode(bytes.fromhex(reference), store.get(bytes.fromhex(reference)), 1 << 24))
+    stored = bytes.fromhex(index.metadata[INDEX_METADATA_KEY]["image"])
+    expected = objects.decode(stored, store.get(stored), 1 << 24)
+    rootfs = roots(reference, "record", record_profile=True)
+    for path in rootfs.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.read_bytes()
+    remove_root(str(tmp_path / "record"))
+    profile = store.get_named(profile_name(reference))
+    assert metadata_image(fetch_head(store, reference)) == stored  # fetched while the index downloads
+    # A profile naming another object of the store (the index itself: it decodes) must not make it the image.
+    store.put_named(profile_name(reference), _naming_image(profile, bytes.fromhex(reference)))
+    rootfs = roots(reference, "misnamed", cache=tmp_path / "misnamed-cache")
+    assert (tmp_path / "misnamed-cache" / "erofs" / reference).read_bytes() == expected
+    assert _lower_layers(rootfs)[0] == str(tmp_path / "misnamed" / "meta")
     assert _without_root(describe(rootfs)) == _without_root(describe(tree))
