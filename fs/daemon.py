@@ -310,7 +310,9 @@ class _Report:
         self._fd = None
 
 
-def main(argv: list[str] | None = None) -> int:
+@functools.cache
+def _parser() -> argparse.ArgumentParser:
+    """The daemon's arguments; the mount server builds the parser before it forks daemons."""
     parser = argparse.ArgumentParser(prog="python -m coldbrew.fs.daemon")
     parser.add_argument("reference")
     parser.add_argument("mountpoint")
@@ -325,7 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metadata-image", action="store_true")
     parser.add_argument("--ready-fd", type=int)
     parser.add_argument("--detach", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.detach and os.fork():
         os._exit(0)  # the daemon is the grandchild: reparented, nobody has to reap it
     report = _Report(args.ready_fd)
@@ -358,6 +364,8 @@ def serve_mounts(socket_path: str = MOUNT_SERVER_SOCKET) -> int:
     import trio  # noqa: F401
 
     from . import cache, erofs, fetch, hotlayer, httpstore, imagefs, indexcheck, profile, store  # noqa: F401
+
+    _parser()
 
     os.makedirs(os.path.dirname(socket_path), mode=0o700, exist_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
