@@ -9,8 +9,9 @@ A profile file is `PROFILE_MAGIC`, the length of its head (u32) and the head, on
 image's stored EROFS metadata image (`coldbrew.fs.erofs`; zeros when it has none), so that a host fetches it while
 the index downloads, the number of pairs (u32), the (inode, position) pairs (u32 each), the number of packed chunks
 (u32) and the pack's table, a (32-byte digest, u32 length, u32 stored size, u8 flags) record per distinct chunk in
-first-access order, flag `HOT` on the chunks of files read whole. The pack follows: each chunk's stored bytes (one zstd frame, as in the
-store), back to back in table order. A host reads the head alone first (one small range), then the pack in ranges.
+first-access order, flag `HOT` on the chunks of files read whole. The pack follows: each chunk's stored bytes (one
+zstd frame, as in the store), back to back in table order. A host reads the head alone first (one small range), then
+the pack in ranges.
 
 A profile is a mutable file, not content-addressed: it only decides what is fetched early and how. Every packed
 chunk is verified against its digest before use, what a hot layer holds comes from the index, and a metadata image
