@@ -946,7 +946,9 @@ def test_damaged_erofs_image_is_made_again(roots, tmp_path: Path) -> None:
     assert image.stat().st_size > 8192
 
 
-def test_erofs_image_is_pushed_beside_the_index(roots, tmp_path: Path) -> None:
+def _pushed_with_image(tmp_path: Path) -> tuple[Path, LocalStore, str, Index, bytes, bytes]:
+    """A rich tree pushed to `tmp_path/store`: (tree, store, reference, index, the digest of the metadata image
+    stored beside the index, that image)."""
     tree = tmp_path / "tree"
     make_rich_tree(tree)
     store = LocalStore(str(tmp_path / "store"))
@@ -954,6 +956,11 @@ def test_erofs_image_is_pushed_beside_the_index(roots, tmp_path: Path) -> None:
     index = Index(objects.decode(bytes.fromhex(reference), store.get(bytes.fromhex(reference)), 1 << 24))
     stored = bytes.fromhex(index.metadata[INDEX_METADATA_KEY]["image"])
     expected = objects.decode(stored, store.get(stored), 1 << 24)
+    return tree, store, reference, index, stored, expected
+
+
+def test_erofs_image_is_pushed_beside_the_index(roots, tmp_path: Path) -> None:
+    tree, store, reference, index, stored, expected = _pushed_with_image(tmp_path)
     assert expected == image_bytes(index, redirect_paths(index))  # what a host would write itself
     roots(reference, "fetched")
     assert (tmp_path / "cache" / "erofs" / reference).read_bytes() == expected
@@ -973,13 +980,7 @@ def _naming_image(profile: bytes, digest: bytes) -> bytes:
 
 
 def test_erofs_image_the_profile_names_is_kept_only_if_the_index_names_it(roots, tmp_path: Path) -> None:
-    tree = tmp_path / "tree"
-    make_rich_tree(tree)
-    store = LocalStore(str(tmp_path / "store"))
-    reference = push(str(tree), store, chunk_size=SMALL_CHUNK).reference
-    index = Index(objects.decode(bytes.fromhex(reference), store.get(bytes.fromhex(reference)), 1 << 24))
-    stored = bytes.fromhex(index.metadata[INDEX_METADATA_KEY]["image"])
-    expected = objects.decode(stored, store.get(stored), 1 << 24)
+    tree, store, reference, _, stored, expected = _pushed_with_image(tmp_path)
     rootfs = roots(reference, "record", record_profile=True)
     for path in rootfs.rglob("*"):
         if path.is_file() and not path.is_symlink():
