@@ -157,6 +157,8 @@ def snapshot(container: Container, image_path: str, *, work_path: str | None = N
                 "root": spec.root_path, "parent_img": parent, "track_mem": (track_mem and (pre_dump or parent)) or None,
                 "freeze_cgroup": _freezer(container.cgroup_paths), "config_file": _criu_config(scratch),
             }
+            if not tcp_established and _loopback_only(container.pid):
+                opts["network_lock"] = rpc.NETWORK_LOCK_SKIP
             if work is not None:
                 opts["work_dir_fd"] = work
             record: dict[str, Any] = {
@@ -233,6 +235,22 @@ def _give_gpu_back(gpu_pids: list[int], error: BaseException) -> None:
 def _freezer(cgroup_paths: dict[str, str]) -> str | None:
     """The cgroup CRIU freezes the container with (a v1 freezer, or the v2 cgroup); None: it stops each task."""
     return cgroup_paths.get("freezer") or cgroup_paths.get("unified")
+
+
+def _loopback_only(pid: int) -> bool:
+    """Whether the network namespace of `pid` has no interface but loopback.
+
+    CRIU locks a network namespace it dumps with iptables rules, set and removed again by running iptables-restore
+    several times at the dump and at every restore of it (about 100 ms of each here). The lock keeps packets off
+    sockets while they are half dumped or half restored. Where only loopback exists and no established TCP
+    connection is dumped, only the container's own processes could send such packets, and they are frozen.
+    """
+    try:
+        with open(f"/proc/{pid}/net/dev") as f:
+            interfaces = {line.split(":", 1)[0].strip() for line in f.read().splitlines()[2:]}
+    except OSError:
+        return False
+    return interfaces == {"lo"}
 
 
 def _external_mounts(spec: Spec, cgroup_paths: dict[str, str], pid: int) -> list[dict]:

@@ -17,6 +17,7 @@ REQUEST_NAMES = {DUMP: "dump", RESTORE: "restore", CHECK: "check", PRE_DUMP: "pr
                  FEATURE_CHECK: "feature-check", VERSION: "version"}
 # criu_cg_mode: the values of `--manage-cgroups-mode`
 CGROUP_MODES = {"ignore": 0, "none": 1, "props": 2, "soft": 3, "full": 4, "strict": 5, "default": 6}
+NETWORK_LOCK_SKIP = 3  # criu_network_lock_method: the dump records it, and the restore of that dump follows it
 
 _VARINT, _BYTES = 0, 2
 
@@ -36,7 +37,7 @@ OPTS: Schema = {
     "ext_mnt": (23, EXT_MOUNT_MAP), "manage_cgroups": (24, "bool"), "cg_root": (25, CGROUP_ROOT),
     "rst_sibling": (26, "bool"), "inherit_fd": (27, INHERIT_FD), "manage_cgroups_mode": (34, "int"),
     "external": (37, "str"), "join_ns": (39, JOIN_NAMESPACE), "freeze_cgroup": (44, "str"),
-    "orphan_pts_master": (50, "bool"), "config_file": (51, "str"),
+    "orphan_pts_master": (50, "bool"), "config_file": (51, "str"), "network_lock": (64, "int"),
 }
 FEATURES: Schema = {"mem_track": (1, "bool"), "lazy_pages": (2, "bool"), "pidfd_store": (3, "bool")}
 REQUEST: Schema = {"type": (1, "int"), "opts": (2, OPTS), "notify_success": (3, "bool"), "features": (5, FEATURES)}

@@ -301,6 +301,39 @@ def test_leave_running(runtime, bundles, cid, tmp_path, stdio, watch):
     watch.assert_clean(before, fds=False)
 
 
+def recorded_network_lock(images: Path) -> str:
+    """The network lock CRIU used for a dump, as its inventory records it (its restores follow the same)."""
+    data = (images / "inventory.img").read_bytes()
+    length = int.from_bytes(data[8:12], "little")  # after the two magic numbers, one length-prefixed entry
+    entry = rpc.decode({"network_lock_method": (11, "int")}, data[12:12 + length])
+    return ("iptables", "nftables", "skip")[entry.get("network_lock_method", 0)]
+
+
+@needs_criu
+def test_network_lock_is_skipped_only_where_nothing_outside_can_send(runtime, bundles, cid, tmp_path, stdio,
+                                                                    watch):
+    before = watch.snapshot()
+    container = runtime.create(cid, str(bundles.make(COUNTER)), stdio=stdio().fds)
+    container.start()
+    # only loopback: no lock, so no iptables-restore at the dump or at any restore of it
+    snapshot(container, str(tmp_path / "loopback"), leave_running=True)
+    assert recorded_network_lock(tmp_path / "loopback") == "skip"
+    # established TCP connections are dumped: CRIU's lock keeps them quiet
+    snapshot(container, str(tmp_path / "tcp"), leave_running=True, tcp_established=True)
+    assert recorded_network_lock(tmp_path / "tcp") == "iptables"
+    # a second interface could carry packets in from outside: locked
+    subprocess.run(["nsenter", "-t", str(container.pid), "-n", "ip", "link", "add", "cbtest0", "type", "veth",
+                    "peer", "name", "cbtest1"], check=True)
+    snapshot(container, str(tmp_path / "veth"), leave_running=True)
+    assert recorded_network_lock(tmp_path / "veth") == "iptables"
+
+    copy = restore(runtime, str(tmp_path / "loopback"), f"{cid}-copy", stdio=stdio().fds)
+    assert copy.status == "running"
+    for c in (container, copy):
+        c.delete(force=True)
+    watch.assert_clean(before, fds=False)
+
+
 @needs_criu
 def test_pre_dump_then_dump(runtime, bundles, cid, tmp_path, stdio, watch):
     before = watch.snapshot()
