@@ -157,7 +157,7 @@ def snapshot(container: Container, image_path: str, *, work_path: str | None = N
                 "root": spec.root_path, "parent_img": parent, "track_mem": (track_mem and (pre_dump or parent)) or None,
                 "freeze_cgroup": _freezer(container.cgroup_paths), "config_file": _criu_config(scratch),
             }
-            if not tcp_established and _loopback_only(container.pid):
+            if not tcp_established and _private_loopback_only(spec, container.pid):
                 opts["network_lock"] = rpc.NETWORK_LOCK_SKIP
             if work is not None:
                 opts["work_dir_fd"] = work
@@ -237,14 +237,19 @@ def _freezer(cgroup_paths: dict[str, str]) -> str | None:
     return cgroup_paths.get("freezer") or cgroup_paths.get("unified")
 
 
-def _loopback_only(pid: int) -> bool:
-    """Whether the network namespace of `pid` has no interface but loopback.
+def _private_loopback_only(spec: Spec, pid: int) -> bool:
+    """Whether the container has a network namespace of its own (not one joined by path) with no interface but
+    loopback; `pid`: its init.
 
     CRIU locks a network namespace it dumps with iptables rules, set and removed again by running iptables-restore
     several times at the dump and at every restore of it (about 100 ms of each here). The lock keeps packets off
-    sockets while they are half dumped or half restored. Where only loopback exists and no established TCP
-    connection is dumped, only the container's own processes could send such packets, and they are frozen.
+    sockets while they are half dumped or half restored. Where only loopback exists, the namespace is the
+    container's alone and no established TCP connection is dumped, only the container's own processes could send
+    such packets, and they are frozen.
     """
+    network = spec.namespace("network")
+    if network is None or network.path is not None:
+        return False
     try:
         with open(f"/proc/{pid}/net/dev") as f:
             interfaces = {line.split(":", 1)[0].strip() for line in f.read().splitlines()[2:]}

@@ -321,6 +321,16 @@ def test_network_lock_is_skipped_only_where_nothing_outside_can_send(runtime, bu
     # established TCP connections are dumped: CRIU's lock keeps them quiet
     snapshot(container, str(tmp_path / "tcp"), leave_running=True, tcp_established=True)
     assert recorded_network_lock(tmp_path / "tcp") == "iptables"
+    # a namespace joined by path may hold other containers, which go on running during the dump: locked
+    def join(config: dict) -> None:
+        for ns in config["linux"]["namespaces"]:
+            if ns["type"] == "network":
+                ns["path"] = f"/proc/{container.pid}/ns/net"
+
+    neighbour = runtime.create(f"{cid}-nb", str(bundles.make(COUNTER, edit=join)), stdio=stdio().fds)
+    neighbour.start()
+    snapshot(neighbour, str(tmp_path / "joined"), leave_running=True)
+    assert recorded_network_lock(tmp_path / "joined") == "iptables"
     # a second interface could carry packets in from outside: locked
     subprocess.run(["nsenter", "-t", str(container.pid), "-n", "ip", "link", "add", "cbtest0", "type", "veth",
                     "peer", "name", "cbtest1"], check=True)
@@ -329,7 +339,7 @@ def test_network_lock_is_skipped_only_where_nothing_outside_can_send(runtime, bu
 
     copy = restore(runtime, str(tmp_path / "loopback"), f"{cid}-copy", stdio=stdio().fds)
     assert copy.status == "running"
-    for c in (container, copy):
+    for c in (container, neighbour, copy):
         c.delete(force=True)
     watch.assert_clean(before, fds=False)
 
