@@ -304,8 +304,10 @@ def test_leave_running(runtime, bundles, cid, tmp_path, stdio, watch):
 def recorded_network_lock(images: Path) -> str:
     """The network lock CRIU used for a dump, as its inventory records it (its restores follow the same)."""
     data = (images / "inventory.img").read_bytes()
-    length = int.from_bytes(data[8:12], "little")  # after the two magic numbers, one length-prefixed entry
-    entry = rpc.decode({"network_lock_method": (11, "int")}, data[12:12 + length])
+    # one magic number (the inventory is a service image: no common magic before it), then one length-prefixed entry
+    length = int.from_bytes(data[4:8], "little")
+    assert len(data) == 8 + length, "inventory.img is not one entry after one magic number"
+    entry = rpc.decode({"network_lock_method": (11, "int")}, data[8:])
     return ("iptables", "nftables", "skip")[entry.get("network_lock_method", 0)]
 
 
