@@ -69,10 +69,7 @@ def _check_entries(index: Index, kinds: np.ndarray, ref_first: np.ndarray, ref_c
     i = _first(xattr_first.astype(np.uint64) + xattr_count > index.xattr_count)
     if i is not None:
         raise BadIndex(f"entries[{i + 1}]", f"xattrs [{xattr_first[i]}, +{xattr_count[i]}] out of bounds")
-    parent = np.frombuffer(index.column("parent"), np.uint32)
-    i = _first(_outside(parent, 1, index.entries))
-    if i is not None:
-        raise BadIndex(f"entries[{i + 1}]", f"parent {parent[i]} out of bounds")
+    _entry_numbers(index, "parent", "entries", 1, "parent")
 
 
 def _check_chunks(index: Index, files: np.ndarray, counts: np.ndarray) -> None:
@@ -123,10 +120,7 @@ def _check_tree(index: Index, kinds: np.ndarray, dirs: np.ndarray, counts: np.nd
     d = _first_unsorted(heap, offsets, lengths, ~_first_rows(counts, offsets.size)[1:])
     if d is not None:
         raise BadIndex(f"dirents[{d}]", f"name {_name(heap, offsets, lengths, d)!r} is out of order or repeated")
-    inodes = np.frombuffer(index.column("dirent_ino"), np.uint32)
-    d = _first(_outside(inodes, 1, index.entries))
-    if d is not None:
-        raise BadIndex(f"dirents[{d}]", f"inode {inodes[d]} out of bounds")
+    inodes = _entry_numbers(index, "dirent_ino", "dirents", 0, "inode")
     subdirs = np.flatnonzero(kinds[inodes - 1] == _DIR)
     children = inodes[subdirs].astype(np.int64)
     parent = np.frombuffer(index.column("parent"), np.uint32)
@@ -140,6 +134,16 @@ def _check_tree(index: Index, kinds: np.ndarray, dirs: np.ndarray, counts: np.nd
 def _first(mask: np.ndarray) -> int | None:
     """The position of the first true value of `mask`, or None."""
     return int(mask.argmax()) if mask.any() else None
+
+
+def _entry_numbers(index: Index, column: str, table: str, first_row: int, what: str) -> np.ndarray:
+    """Column `column` of `table`, whose values are entry numbers; a value outside 1..entries is refused, naming
+    its row (`table`'s rows are numbered from `first_row`)."""
+    numbers = np.frombuffer(index.column(column), np.uint32)
+    row = _first(_outside(numbers, 1, index.entries))
+    if row is not None:
+        raise BadIndex(f"{table}[{row + first_row}]", f"{what} {numbers[row]} out of bounds")
+    return numbers
 
 
 def _outside(values: np.ndarray, low: int, high: int) -> np.ndarray:
