@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 from ..runtime import libc
 from ..runtime.errors import InvalidState, RuntimeFailure
-from . import criu as criu_mod, cuda, image, rpc
+from . import criu as criu_mod, cuda, filepages, image, rpc
 from .errors import CriuError, CudaError, SnapshotError
 
 DUMP_LOG, PRE_DUMP_LOG, RESTORE_LOG = "dump.log", "pre-dump.log", "restore.log"
@@ -177,6 +177,8 @@ def snapshot(container: Container, image_path: str, *, work_path: str | None = N
                 record["mounts"], record["descriptors"] = mounts, descriptors
                 if not opts["leave_running"]:
                     held = _hold_regular_files(container.pid, descriptors)
+            if not pre_dump:
+                filepages.record(image_path, processes)  # before CRIU: without --leave-running they end with it
             request = {"type": rpc.PRE_DUMP if incremental_pre_dump else rpc.DUMP, "opts": opts}
             # CRIU opens the image and work directories through our /proc/PID/fd: they stay open here meanwhile
             started = time.perf_counter()
@@ -386,6 +388,7 @@ def restore(runtime: Runtime, snapshot: image.Snapshot | str, container_id: str,
         ext_mnt = _restore_mounts(snap, spec, cgroup.paths)
         inherit = _inherit_fds(snap, stdio)
         scratch = tempfile.mkdtemp(prefix=f"coldbrew-restore-{container_id}-")
+        reading_ahead = filepages.read_ahead(snap.path, spec)
         try:
             root = os.path.join(scratch, "root")
             os.mkdir(root, 0o755)
@@ -398,6 +401,7 @@ def restore(runtime: Runtime, snapshot: image.Snapshot | str, container_id: str,
             _timed(timings, "criu_restore", started)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+            reading_ahead.join()
         if gpu_plan is not None:
             driver, gpu_pairs = gpu_plan
             started = time.perf_counter()

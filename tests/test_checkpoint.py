@@ -25,8 +25,9 @@ from coldbrew.runtime.errors import InvalidState
 from coldbrew.runtime.features import default_spec
 from coldbrew.runtime.spec import Process
 from coldbrew.snapshot import CriuError, CriuNotFound, SnapshotError, find_criu, restore, snapshot
-from coldbrew.snapshot import rpc
+from coldbrew.snapshot import filepages, rpc
 from conftest import COLDBREW, coldbrew
+from test_filepages import PAGE, cached, data_file, evicted, wait_cached
 from test_leaks import HostWatch
 
 
@@ -298,6 +299,48 @@ def test_leave_running(runtime, bundles, cid, tmp_path, stdio, watch):
     assert container.status == copy.status == "running"
     for c in (container, copy):
         c.delete(force=True)
+    watch.assert_clean(before, fds=False)
+
+
+MAPPER = """
+import mmap, time
+with open("/app/data.bin", "rb") as f:
+    data = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+data[40 * 4096], data[200 * 4096]
+print("mapped", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+@needs_criu
+def test_restore_reads_ahead_the_file_pages_the_processes_had_mapped(runtime, cid, tmp_path, python_rootfs, stdio,
+                                                                   watch):
+    before = watch.snapshot()
+    bundle = python_bundle(tmp_path, python_rootfs, MAPPER)
+    data = data_file(bundle / "app" / "data.bin")
+    io = stdio()
+    container = runtime.create(cid, str(bundle), stdio=io.fds)
+    container.start()
+    os.set_blocking(io.read, True)
+    assert os.read(io.read, 100) == b"mapped\n"
+    snap = snapshot(container, str(tmp_path / "images"))
+
+    document = json.loads((Path(snap.path) / filepages.FILE_PAGES).read_text())
+    assert document["format"] == filepages.FORMAT and document["page_size"] == PAGE
+    pages = {first + i for first, count in document["files"]["/app/data.bin"] for i in range(count)}
+    assert {40, 200} <= pages and 120 not in pages  # what the program touched (and the kernel mapped around it)
+    interpreter = os.path.realpath(PYTHON)  # the container's /usr is the host's
+    assert document["files"][interpreter]
+    assert filepages.FILE_PAGES in snap.record["files"]  # checked with the rest of the snapshot
+
+    evicted(data)
+    restored = restore(runtime, snap.path, cid, stdio=io.fds)
+    wait_cached(data, [40, 200])  # the program is asleep: only the read-ahead brings them in
+    assert not cached(data, 120)
+    restored.kill("KILL")
+    restored.wait()
+    restored.delete()
     watch.assert_clean(before, fds=False)
 
 
