@@ -27,7 +27,7 @@ from coldbrew.runtime.spec import Process
 from coldbrew.snapshot import CriuError, CriuNotFound, SnapshotError, find_criu, restore, snapshot
 from coldbrew.snapshot import filepages, rpc
 from conftest import COLDBREW, coldbrew
-from test_filepages import PAGE, cached, data_file, evicted, wait_cached
+from test_filepages import PAGE, TOUCHED, UNTOUCHED, data_file, evicted, resident, wait_cached
 from test_leaks import HostWatch
 
 
@@ -306,7 +306,7 @@ MAPPER = """
 import mmap, time
 with open("/app/data.bin", "rb") as f:
     data = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
-data[40 * 4096], data[200 * 4096]
+data[40 * 4096], data[3000 * 4096]
 print("mapped", flush=True)
 while True:
     time.sleep(1)
@@ -329,15 +329,15 @@ def test_restore_reads_ahead_the_file_pages_the_processes_had_mapped(runtime, ci
     document = json.loads((Path(snap.path) / filepages.FILE_PAGES).read_text())
     assert document["format"] == filepages.FORMAT and document["page_size"] == PAGE
     pages = {first + i for first, count in document["files"]["/app/data.bin"] for i in range(count)}
-    assert {40, 200} <= pages and 120 not in pages  # what the program touched (and the kernel mapped around it)
+    assert set(TOUCHED) <= pages and not pages & set(UNTOUCHED)  # what the program touched (and mapped with it)
     interpreter = os.path.realpath(PYTHON)  # the container's /usr is the host's
     assert document["files"][interpreter]
     assert filepages.FILE_PAGES in snap.record["files"]  # checked with the rest of the snapshot
 
     evicted(data)
     restored = restore(runtime, snap.path, cid, stdio=io.fds)
-    wait_cached(data, [40, 200])  # the program is asleep: only the read-ahead brings them in
-    assert not cached(data, 120)
+    wait_cached(data, TOUCHED)  # the program is asleep: only the read-ahead brings them in
+    assert not resident(data) & set(UNTOUCHED)
     restored.kill("KILL")
     restored.wait()
     restored.delete()

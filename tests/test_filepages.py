@@ -18,13 +18,17 @@ from coldbrew.runtime.spec import parse
 from coldbrew.snapshot import filepages
 
 PAGE = mmap.PAGESIZE
+# A fault maps the folio it hits (the page cache's are up to 2 MiB: 512 pages, aligned) and the cached pages of the
+# fault-around window (64 KiB) beside it: pages of other 2 MiB blocks of the file stay unmapped.
+PAGES = 4096
+TOUCHED = (40, 3000)
+UNTOUCHED = (700, 1500, 2000, 3600)  # each in a 2 MiB block of its own
 _libc = ctypes.CDLL(None, use_errno=True)
-PAGES = 256  # spans several of the kernel's fault-around windows (16 pages), so far pages stay unmapped
 
 
-def cached(path: Path, page: int) -> bool:
-    """Whether `page` of the file is in the page cache: mincore(2) of a mapping of it, which reads nothing (a read
-    that must not wait, RWF_NOWAIT, would start the readahead it looks for)."""
+def resident(path: Path) -> set[int]:
+    """The pages of the file in the page cache: mincore(2) of a mapping of it, which reads nothing (a read that
+    must not wait, RWF_NOWAIT, would start the very readahead it looks for)."""
     fd = os.open(path, os.O_RDWR)
     try:
         mapping = mmap.mmap(fd, PAGES * PAGE, flags=mmap.MAP_SHARED)  # writable: ctypes wants a writable buffer
@@ -38,7 +42,7 @@ def cached(path: Path, page: int) -> bool:
                 raise OSError(ctypes.get_errno(), "mincore")
         finally:
             del anchor
-        return bool(vector.raw[page] & 1)
+        return {page for page, flags in enumerate(vector.raw) if flags & 1}
     finally:
         mapping.close()
 
@@ -51,7 +55,7 @@ def evicted(path: Path) -> Path:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
-    if any(cached(path, page) for page in range(0, PAGES, 16)):
+    if resident(path):
         pytest.skip(f"{path.parent} keeps file pages in memory (tmpfs?): nothing to read ahead there")
     return path
 
@@ -62,9 +66,9 @@ def data_file(path: Path) -> Path:
     return path
 
 
-def wait_cached(path: Path, pages: list[int], timeout: float = 10.0) -> None:
+def wait_cached(path: Path, pages: tuple[int, ...], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout  # a hang guard: the reads were queued, not waited for
-    while not all(cached(path, page) for page in pages):
+    while not set(pages) <= resident(path):
         assert time.monotonic() < deadline, f"pages {pages} of {path} never came into the page cache"
         time.sleep(0.01)
 
@@ -74,9 +78,9 @@ def test_mapped_file_pages_are_the_file_pages_in_the_page_tables(tmp_path):
     fd = os.open(path, os.O_RDWR)
     mapping = mmap.mmap(fd, PAGES * PAGE, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     try:
-        for page in (40, 200):
+        for page in TOUCHED:
             mapping[page * PAGE]  # a read fault: the file's page, and the cached ones around it
-        mapping[100 * PAGE] = 1  # a write fault: a private copy, which CRIU dumps with the memory
+        mapping[1000 * PAGE] = 1  # a write fault: a private copy, which CRIU dumps with the memory
         recorded = filepages.mapped_file_pages([os.getpid()])
         assert filepages.mapped_file_pages([os.getpid(), os.getpid()]) == recorded  # ranges merged
     finally:
@@ -85,7 +89,7 @@ def test_mapped_file_pages_are_the_file_pages_in_the_page_tables(tmp_path):
 
     ranges = recorded[str(path)]
     pages = {first + i for first, count in ranges for i in range(count)}
-    assert {40, 200} <= pages and 100 not in pages and 120 not in pages
+    assert set(TOUCHED) <= pages and 1000 not in pages and not pages & set(UNTOUCHED)
     assert ranges == sorted(ranges) and all(count > 0 for _, count in ranges)
     assert all(a[0] + a[1] < b[0] for a, b in zip(ranges, ranges[1:]))  # merged: no two touch
     # this interpreter's own program is mapped too; a pid that is gone adds nothing
@@ -118,7 +122,7 @@ def test_read_ahead_finds_the_files_through_the_bundles_root_and_bind_mounts_onl
         {"destination": "/opt/one.so", "type": "bind", "source": str(bound_file), "options": ["bind", "ro"]},
         {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid"]},
     ])
-    wanted = [[3, 2], [150, 1]]
+    wanted = [[3, 2], [3000, 1]]
     _record(tmp_path / "images", {"/lib/in-root.so": wanted, "/opt/bound/bound.so": wanted, "/opt/one.so": wanted,
                                   "/tmp/hidden.so": wanted, "/escape/secret.so": wanted, "/lib/missing.so": wanted,
                                   "/proc/self/exe": wanted})
@@ -128,9 +132,9 @@ def test_read_ahead_finds_the_files_through_the_bundles_root_and_bind_mounts_onl
     filepages.read_ahead(str(tmp_path / "images"), spec).join()
 
     for path in (in_root, bound, bound_file):
-        wait_cached(path, [3, 4, 150])
-        assert not any(cached(path, page) for page in (0, 2, 5, 100, 151, 255))  # exactly the pages recorded
-    assert not any(cached(path, page) for path in (under_tmpfs, outside) for page in (3, 150))
+        wait_cached(path, (3, 4, 3000))
+        assert not resident(path) & set(UNTOUCHED)  # the pages recorded, not the file
+    assert not resident(under_tmpfs) and not resident(outside)
 
 
 def test_read_ahead_of_a_snapshot_without_a_record_or_with_a_damaged_one_does_nothing(tmp_path):
@@ -145,7 +149,7 @@ def test_read_ahead_of_a_snapshot_without_a_record_or_with_a_damaged_one_does_no
         (tmp_path / "images" / filepages.FILE_PAGES).write_text(json.dumps(document))
         filepages.read_ahead(str(tmp_path / "images"), spec).join()
     time.sleep(0.1)  # what would have been queued has had time to come in
-    assert not cached(in_root, 3)
+    assert not resident(in_root)
 
 
 _json = st.recursive(st.none() | st.booleans() | st.integers(-2, 2 ** 40) | st.text(max_size=12),
