@@ -36,6 +36,7 @@ _WANTED = bytes(1 if byte & 0xA0 == 0xA0 else 0 for byte in range(256))
 _RUN = re.compile(rb"\x01+")
 _DELETED = " (deleted)"
 _MAX_RANGES = 1 << 16  # per snapshot, more than any real program maps
+_PAGEMAP_CHUNK = 1 << 17  # pages per read of /proc/PID/pagemap (1 MiB of entries)
 
 
 def mapped_file_pages(pids: list[int]) -> dict[str, list[list[int]]]:
@@ -50,13 +51,15 @@ def mapped_file_pages(pids: list[int]) -> dict[str, list[list[int]]]:
                     if len(fields) < 6 or fields[4] == "0" or not fields[5].startswith("/") \
                             or fields[5].endswith(_DELETED):
                         continue  # anonymous, [heap] and the like, or a file that no longer has a name
-                    start, end = (int(address, 16) for address in fields[0].split("-"))
+                    start, end = (int(address, 16) // _PAGE for address in fields[0].split("-"))
                     first_page = int(fields[2], 16) // _PAGE
-                    entries = os.pread(pagemap.fileno(), (end - start) // _PAGE * 8, start // _PAGE * 8)
-                    flags = entries[7::8].translate(_WANTED)  # one byte per page: 1 where it is wanted
                     ranges = found.setdefault(fields[5], [])
-                    ranges += [(first_page + run.start(), run.end() - run.start()) for run in _RUN.finditer(flags)]
-        except (FileNotFoundError, ProcessLookupError):
+                    for chunk in range(start, end, _PAGEMAP_CHUNK):  # a mapping of a huge file: bounded reads
+                        entries = os.pread(pagemap.fileno(), min(_PAGEMAP_CHUNK, end - chunk) * 8, chunk * 8)
+                        flags = entries[7::8].translate(_WANTED)  # one byte per page: 1 where it is wanted
+                        offset = first_page + chunk - start
+                        ranges += [(offset + run.start(), run.end() - run.start()) for run in _RUN.finditer(flags)]
+        except OSError:  # gone meanwhile: what it mapped ended with it
             continue
     return {path: _merged(ranges) for path, ranges in found.items() if ranges}
 
@@ -73,7 +76,13 @@ def _merged(ranges: list[tuple[int, int]]) -> list[list[int]]:
 
 def record(image_dir: str, pids: list[int]) -> None:
     """Write FILE_PAGES of the processes `pids` into `image_dir`."""
-    document = {"format": FORMAT, "page_size": _PAGE, "files": mapped_file_pages(pids)}
+    files, kept = {}, 0
+    for path, ranges in mapped_file_pages(pids).items():
+        files[path] = ranges[:_MAX_RANGES - kept]  # a restore reads no record with more
+        kept += len(files[path])
+        if kept == _MAX_RANGES:
+            break
+    document = {"format": FORMAT, "page_size": _PAGE, "files": files}
     with open(os.path.join(image_dir, FILE_PAGES), "x") as f:
         json.dump(document, f, separators=(",", ":"))
 

@@ -97,6 +97,35 @@ def test_mapped_file_pages_are_the_file_pages_in_the_page_tables(tmp_path):
     assert filepages.mapped_file_pages([2 ** 22 + 1]) == {}
 
 
+def test_a_mapping_larger_than_one_pagemap_read_is_read_whole(tmp_path):
+    pages = filepages._PAGEMAP_CHUNK + 1024
+    path = tmp_path / "sparse.bin"
+    with open(path, "wb") as f:
+        f.truncate(pages * PAGE)  # holes: read faults map pages of zeros, nothing is written
+    fd = os.open(path, os.O_RDONLY)
+    mapping = mmap.mmap(fd, pages * PAGE, prot=mmap.PROT_READ)
+    try:
+        touched = (10, filepages._PAGEMAP_CHUNK + 500)
+        for page in touched:
+            mapping[page * PAGE]
+        recorded = filepages.mapped_file_pages([os.getpid()])[str(path)]
+    finally:
+        mapping.close()
+        os.close(fd)
+    found = {first + i for first, count in recorded for i in range(count)}
+    assert set(touched) <= found and filepages._PAGEMAP_CHUNK // 2 not in found
+
+
+def test_a_record_keeps_no_more_ranges_than_a_restore_reads(tmp_path, monkeypatch):
+    monkeypatch.setattr(filepages, "_MAX_RANGES", 3)
+    monkeypatch.setattr(filepages, "mapped_file_pages",
+                        lambda pids: {"/a": [[0, 1], [5, 1]], "/b": [[1, 1], [9, 1]], "/c": [[2, 2]]})
+    filepages.record(str(tmp_path), [1])
+    data = (tmp_path / filepages.FILE_PAGES).read_bytes()
+    assert json.loads(data)["files"] == {"/a": [[0, 1], [5, 1]], "/b": [[1, 1]]}
+    assert filepages._parse(data) == [("/a", [(0, PAGE), (5 * PAGE, PAGE)]), ("/b", [(PAGE, PAGE)])]
+
+
 def _spec(tmp_path: Path, mounts: list[dict]):
     config = default_spec()
     config["root"] = {"path": str(tmp_path / "root"), "readonly": True}
