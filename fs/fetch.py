@@ -80,6 +80,9 @@ class ChunkFetcher:
         self.ahead_hits = 0  # reads served from chunks loaded ahead (those loads count as cache hits or fetches)
         self.packed_chunks = 0  # chunks fetched in ranges of a profile's pack (counted in chunks_fetched too)
         self.pack_ranges = 0
+        # Called with the digest of each chunk fetched and cached, on the worker thread that cached it, before the
+        # chunk's readers wake: work that needs the chunk's cache file costs no thread hop of its own.
+        self.on_cached: Callable[[bytes], None] | None = None
 
     def attach(self, nursery: trio.Nursery) -> None:
         """Where background work (read-ahead) runs; without one, read-ahead is skipped."""
@@ -313,12 +316,18 @@ class ChunkFetcher:
         return len(stored), raw, self._put(digest, raw)
 
     def _put(self, digest: bytes, raw: bytes) -> bool:
-        """Cache a verified chunk; whether the cache holds it now."""
+        """Cache a verified chunk, then call `on_cached`; whether the cache holds it now."""
         try:
             self._cache.put(digest, raw)
         except (FsError, OSError) as error:  # a full or broken cache costs speed, not the read
             log.warning("chunk %s: not cached: %s", digest.hex(), error)
             return False
+        hook = self.on_cached
+        if hook is not None:
+            try:
+                hook(digest)
+            except Exception:  # the hook's work is an optimisation: the chunk is had all the same
+                log.exception("chunk %s: after caching it", digest.hex())
         return True
 
 

@@ -15,7 +15,8 @@ asks). A marker beside the layer (`NAME.complete`) says that every file is in it
 daemon was killed, or a chunk could not be had) is completed by the next daemon that stacks it.
 
 Only verified chunks go in (fetched through the mount's fetcher, kept in the cache). A file that is one chunk is a
-hard link to the cache's file of that chunk (no copy); others are written. A layer is named by the image, the
+hard link to the cache's file of that chunk (no copy), made by the thread that caches the chunk; others are
+written. A layer is named by the image, the
 profile's hash (a new recording makes a new layer) and the boot it was written in: nothing is synced to disk on a
 start's path (a syncfs cost 30-90 ms and grows with the layer), because only a host crash loses written data, and
 a layer of another boot is never used but removed. Every daemon that stacks a layer holds a shared lock on it for
@@ -32,7 +33,8 @@ import logging
 import os
 import shutil
 import stat
-from typing import Awaitable, Callable, Iterable, TypeVar
+import threading
+from typing import Awaitable, Callable, Iterable, Iterator, TypeVar
 
 import pyfuse3
 import trio
@@ -62,7 +64,8 @@ class HotLayer:
         self.root = os.path.join(cache_directory, HOT_DIRECTORY)
         self.name = f"{reference}-{objects.digest_of(profile_data).hex()[:16]}{_boot_suffix()}"
         self.path = os.path.join(self.root, self.name)
-        self.files_written = 0
+        self._files_written = 0  # by `_write_file`; the linked ones are counted by `_linker`
+        self._linker: _Linker | None = None
         self.files_failed = 0
         os.makedirs(self.root, exist_ok=True)
         _remove_abandoned(self.root)
@@ -73,6 +76,10 @@ class HotLayer:
 
     def close(self) -> None:
         os.close(self._fd)
+
+    @property
+    def files_written(self) -> int:
+        return self._files_written + (len(self._linker.linked) if self._linker is not None else 0)
 
     def stats(self) -> dict[str, object]:
         return {"hot_layer": self.path, "hot_layer_complete": self.complete, "hot_files_written": self.files_written,
@@ -90,29 +97,38 @@ class HotLayer:
             redirects = await trio.to_thread.run_sync(redirect_paths, index, whole)
             await trio.to_thread.run_sync(functools.partial(os.makedirs, scratch, exist_ok=True))
             names = itertools.count()
+            destinations = {ino: os.path.join(self.path, os.fsdecode(path.lstrip(b"/")))
+                            for ino, path in redirects.items()}
+            self._linker = linker = _Linker(cache, scratch, names, {
+                ino: (whole[ino][0].digest, destination) for ino, destination in destinations.items()
+                if _is_one_chunk(whole[ino], index.file_size(ino))})
 
             async def write(ino: int) -> None:
-                path = redirects.get(ino)
-                if path is None:
+                destination = destinations.get(ino)
+                if destination is None:
                     return  # no path reaches it: left to the lazy mount
-                destination = os.path.join(self.path, os.fsdecode(path.lstrip(b"/")))
-                temporary = os.path.join(scratch, str(next(names)))
+                chunks = whole[ino]
                 try:
-                    if not await _write_file(temporary, destination, whole[ino], index.file_size(ino), fetcher,
-                                             cache):
+                    if ino in linker.files:
+                        await fetcher.until_cached(chunks[0].digest, chunks[0].length)
+                        if ino in linker.linked or await trio.to_thread.run_sync(linker.link, ino) is not None:
+                            return  # linked to the cache's file (by now, or by a daemon before this one)
+                        # else: a cache too full to keep it; written below
+                    temporary = os.path.join(scratch, str(next(names)))
+                    if not await _write_file(temporary, destination, chunks, index.file_size(ino), fetcher):
                         return  # a daemon before this one wrote it
                 except (pyfuse3.FUSEError, OSError) as error:  # a chunk not had is logged by the fetcher too
                     self.files_failed += 1
-                    log.warning("hot layer %s: %s is left to the lazy mount: %r", self.name, os.fsdecode(path),
-                                error)
-                    try:
-                        os.unlink(temporary)
-                    except FileNotFoundError:
-                        pass
+                    log.warning("hot layer %s: %s is left to the lazy mount: %r", self.name, destination, error)
                     return
-                self.files_written += 1
+                self._files_written += 1
 
-            await _each(whole, FILL_WORKERS, write)
+            fetcher.on_cached = linker.chunk_cached
+            try:
+                await trio.to_thread.run_sync(linker.link_cached)
+                await _each(whole, FILL_WORKERS, write)
+            finally:
+                fetcher.on_cached = None
             if not self.files_failed:
                 await trio.to_thread.run_sync(_mark_complete, self.path)
                 self.complete = True
@@ -121,6 +137,45 @@ class HotLayer:
             log.exception("filling hot layer %s", self.path)
         finally:
             await trio.to_thread.run_sync(functools.partial(shutil.rmtree, scratch, ignore_errors=True))
+
+
+class _Linker:
+    """Places the hot layer's one-chunk files as hard links to the cache's files of their chunks: those cached
+    already at once (`link_cached`), the others from the worker thread that caches their chunk (`chunk_cached`, the
+    fetcher's hook), so that a first start's ~150 small files cost no thread hop each. Thread-safe."""
+
+    def __init__(self, cache: ChunkCache, scratch: str, names: Iterator[int],
+                 files: dict[int, tuple[bytes, str]]) -> None:
+        self.files = files  # inode -> (its chunk, its path in the layer)
+        self.linked: set[int] = set()  # placed by this daemon
+        self._cache = cache
+        self._scratch = scratch
+        self._names = names  # temporary names in `scratch`, shared with the layer's writes
+        self._by_chunk: dict[bytes, list[int]] = {}
+        for ino, (digest, _) in files.items():
+            self._by_chunk.setdefault(digest, []).append(ino)
+        self._lock = threading.Lock()
+
+    def chunk_cached(self, digest: bytes) -> None:
+        for ino in self._by_chunk.get(digest, ()):
+            self.link(ino)
+
+    def link_cached(self) -> None:
+        for digest, inodes in self._by_chunk.items():
+            if digest in self._cache:
+                for ino in inodes:
+                    self.link(ino)
+
+    def link(self, ino: int) -> bool | None:
+        """True when linked now, False when it is there already, None when the cache lacks the chunk."""
+        digest, destination = self.files[ino]
+        temporary = os.path.join(self._scratch, str(next(self._names)))
+        placed = _link_into_place(self._cache, digest, temporary, destination)
+        if placed:
+            with self._lock:  # two threads may both have linked it (the same file): it counts once
+                placed = ino not in self.linked
+                self.linked.add(ino)
+        return placed
 
 
 async def _each(items: Iterable[_Item], workers: int, work: Callable[[_Item], Awaitable[None]]) -> None:
@@ -136,27 +191,27 @@ async def _each(items: Iterable[_Item], workers: int, work: Callable[[_Item], Aw
             nursery.start_soon(worker)
 
 
-async def _write_file(temporary: str, destination: str, chunks: list[Chunk], size: int, fetcher: ChunkFetcher,
-                      cache: ChunkCache) -> bool:
+def _is_one_chunk(chunks: list[Chunk], size: int) -> bool:
+    return len(chunks) == 1 and chunks[0].offset == 0 and chunks[0].length == size
+
+
+async def _write_file(temporary: str, destination: str, chunks: list[Chunk], size: int,
+                      fetcher: ChunkFetcher) -> bool:
     """Put the file at `destination`, written at `temporary` first; False when it is there already."""
-    if len(chunks) == 1 and chunks[0].offset == 0 and chunks[0].length == size:
-        # Most files: one worker-thread hop once the chunk is cached (a first start fills ~150 of them while the
-        # CPUs are busy with the start itself).
-        await fetcher.until_cached(chunks[0].digest, size)
-        placed = await trio.to_thread.run_sync(_link_into_place, cache, chunks[0].digest, temporary, destination)
-        if placed is not None:
-            return placed
-        # else: a cache too full to keep it; written below
-    elif await trio.to_thread.run_sync(os.path.lexists, destination):
+    if await trio.to_thread.run_sync(os.path.lexists, destination):
         return False
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
     try:
-        for chunk in chunks:
-            data = await fetcher.chunk(chunk.digest, chunk.length)
-            await trio.to_thread.run_sync(_write_at, fd, data, chunk.offset)
-        os.ftruncate(fd, size)  # holes stay holes
-    finally:
-        os.close(fd)
+        try:
+            for chunk in chunks:
+                data = await fetcher.chunk(chunk.digest, chunk.length)
+                await trio.to_thread.run_sync(_write_at, fd, data, chunk.offset)
+            os.ftruncate(fd, size)  # holes stay holes
+        finally:
+            os.close(fd)
+    except BaseException:
+        os.unlink(temporary)
+        raise
     await trio.to_thread.run_sync(_place, temporary, destination)
     return True
 

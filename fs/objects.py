@@ -21,14 +21,13 @@ DIGEST_SIZE = 32
 COMPRESSION_LEVEL = 3
 # ZSTD_FRAMEHEADERSIZE_MAX: the bytes of a frame that state its size.
 _FRAME_HEADER_MAX = 18
-# Above this size blake3 hashes on several threads; below it the thread start costs more than it saves.
-_PARALLEL_HASH_MIN = 1 << 20
 
 
 def digest_of(data: bytes | memoryview) -> bytes:
     """The blake3 hash that names `data`."""
-    if len(data) >= _PARALLEL_HASH_MIN:
-        return blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest()
+    # On this thread alone: objects are hashed on several threads already (push, fetch), and blake3's own threads
+    # would contend with them for the same CPUs (a cold start's 60 MB of 1 MiB chunks: 15% more CPU, and worse
+    # while its threads spin on a busy host).
     return blake3.blake3(data).digest()
 
 
@@ -68,8 +67,11 @@ def decompress(data: bytes, max_size: int) -> bytes:
     """The bytes of one zstd frame; ValueError when it is not one or would exceed `max_size` (a frame that states
     its size is refused before anything is allocated)."""
     _stated_size(data, max_size)
+    decompressor = _per_thread.__dict__.get("decompressor")
+    if decompressor is None:  # one per thread, as compressors: making one costs 10 times a small chunk's decoding
+        decompressor = _per_thread.decompressor = zstandard.ZstdDecompressor()
     try:
-        return zstandard.ZstdDecompressor().decompress(data, max_output_size=max_size)
+        return decompressor.decompress(data, max_output_size=max_size)
     except zstandard.ZstdError as error:
         raise ValueError(f"does not decompress ({error})") from None
 

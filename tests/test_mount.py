@@ -872,6 +872,57 @@ def test_hot_layer_eviction_spares_the_layers_daemons_hold(tmp_path: Path) -> No
         again.close()
 
 
+def test_hot_layer_links_a_one_chunk_file_from_the_thread_that_caches_its_chunk(tmp_path: Path) -> None:
+    import itertools
+
+    import trio
+
+    from coldbrew.fs.cache import ChunkCache
+    from coldbrew.fs.fetch import ChunkFetcher
+    from coldbrew.fs.hotlayer import _Linker
+
+    store = LocalStore(str(tmp_path / "store"))
+    shared, alone, late = (os.urandom(3000 + k) for k in range(3))
+    for data in (shared, alone, late):
+        store.put(*objects.encode(data))
+    layer, scratch = tmp_path / "layer", tmp_path / "scratch"
+    scratch.mkdir()
+    [first, copy, single, unstored] = [str(layer / name) for name in ("lib/a", "lib/b", "c", "d")]
+    with ChunkCache(str(tmp_path / "cache")) as cache:
+        def cache_file(data: bytes) -> os.stat_result:
+            return os.stat(tmp_path / "cache" / "data" / objects.digest_of(data).hex())
+
+        linker = _Linker(cache, str(scratch), itertools.count(), {
+            1: (objects.digest_of(shared), first), 2: (objects.digest_of(shared), copy),
+            3: (objects.digest_of(alone), single), 4: (objects.digest_of(late), unstored)})
+        fetcher = ChunkFetcher(store, cache)
+        fetcher.on_cached = linker.chunk_cached
+
+        async def fetch(data: bytes) -> bytes:
+            return await fetcher.chunk(objects.digest_of(data), len(data))
+
+        # Both files of the chunk are linked before its reader has it: no hop of their own.
+        assert trio.run(fetch, shared) == shared
+        assert linker.linked == {1, 2}
+        assert os.stat(first).st_ino == os.stat(copy).st_ino == cache_file(shared).st_ino
+        assert Path(first).read_bytes() == shared
+        assert linker.link(1) is False  # there already: counted once
+        assert linker.link(4) is None and not os.path.lexists(unstored)  # the cache lacks its chunk
+
+        # A chunk cached before the layer looked for it is linked by link_cached.
+        cache.put(objects.digest_of(late), late)
+        linker.link_cached()
+        assert linker.linked == {1, 2, 4} and Path(unstored).read_bytes() == late
+
+        # A hook that fails costs its work, never the read.
+        def broken(digest: bytes) -> None:
+            raise OSError(errno.ENOSPC, "no space")
+
+        fetcher.on_cached = broken
+        assert trio.run(fetch, alone) == alone
+        assert not os.path.lexists(single) and os.listdir(scratch) == []
+
+
 def test_hot_layer_without_a_chunk_leaves_its_file_to_fuse(roots, tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     tree.mkdir()
