@@ -135,6 +135,8 @@ class _Resolver:
     def open(self, path: str) -> int | None:
         """A read-only descriptor of the regular file at `path`, or None."""
         from ..runtime import libc
+        from ..runtime.errors import RuntimeFailure
+        from ..runtime.rootfs import open_in_root
 
         base, inner = self._root, path
         for destination, source in self._mounts:
@@ -147,11 +149,9 @@ class _Resolver:
             if base not in self._bases:
                 self._bases[base] = os.open(base, libc.O_PATH | os.O_CLOEXEC)
             # O_PATH first: opening a device node for reading can do things; a regular file is opened again
-            inner = inner.lstrip("/")
-            handle = libc.openat2(self._bases[base], inner, libc.O_PATH | os.O_CLOEXEC,
-                                  libc.RESOLVE_IN_ROOT | libc.RESOLVE_NO_MAGICLINKS) if inner else os.dup(
+            handle = open_in_root(self._bases[base], inner) if inner.strip("/") else os.dup(
                 self._bases[base])  # a file bound on its own
-        except OSError:
+        except (OSError, RuntimeFailure):
             return None
         try:
             if not stat.S_ISREG(os.fstat(handle).st_mode):
